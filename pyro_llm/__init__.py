@@ -1,0 +1,40 @@
+"""pyro_llm: a fine-tuned language model as one layer of a Pyro probabilistic program.
+
+LoRA adapter matrices of a peft model become Pyro random sites (:class:`BayesianLoRA`);
+one Pyro model function holds the adapter prior, the LLM forward pass and the likelihoods;
+:func:`fit_svi` fits it, :func:`predict_probs` predicts under posterior draws, and
+:func:`to_arviz` hands the result to ArviZ.
+"""
+
+from . import data, features, likelihoods, metrics, priors
+from .infer import EarlyStopping, FitResult, fit_map, fit_svi, make_guide
+from .lora import BayesianLoRA, find_lora_parameters
+from .posterior import GuidePosterior, Posterior, predict_probs, stack_draws
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BayesianLoRA",
+    "EarlyStopping",
+    "FitResult",
+    "GuidePosterior",
+    "Posterior",
+    "data",
+    "features",
+    "find_lora_parameters",
+    "fit_map",
+    "fit_svi",
+    "likelihoods",
+    "make_guide",
+    "metrics",
+    "predict_probs",
+    "priors",
+    "stack_draws",
+]
+
+try:  # optional at import time: ArviZ export
+    from .arviz_io import to_arviz  # noqa: F401
+
+    __all__.append("to_arviz")
+except ImportError:  # pragma: no cover - arviz_io not yet present or arviz missing
+    pass

@@ -1,0 +1,131 @@
+"""What the language model hands a statistical model.
+
+* :func:`pool` -- pooled hidden states (``"mean"``, ``"cls"``, ``"last"`` token);
+* :func:`class_logits` -- a sequence classifier's logits;
+* :func:`label_token_logits` with :class:`LabelTokenPrompt` -- a causal LM's next-token
+  logits restricted to the answer tokens after a prompt (Laplace-LoRA, appendix D).
+
+All are plain tensor functions of a model output, so one forward pass of
+:class:`~pyro_llm.BayesianLoRA` (one adapter draw) can feed several heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["pool", "class_logits", "last_token_index", "label_token_logits", "LabelTokenPrompt"]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended position in each row (right or left padding), shape ``(B,)``."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, seq), got {tuple(attention_mask.shape)}")
+    if (attention_mask.sum(-1) == 0).any():
+        raise ValueError("a row of attention_mask is all zero: an empty text reached the model")
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * (pos + 1)).argmax(-1)
+
+
+def _hidden(output, layer: int) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    hs = getattr(output, "hidden_states", None)
+    if hs is not None:
+        return hs[layer]
+    if layer == -1 and getattr(output, "last_hidden_state", None) is not None:
+        return output.last_hidden_state
+    raise ValueError("the model output has no hidden states; call the model with "
+                     "output_hidden_states=True or use the base model's last_hidden_state")
+
+
+def pool(output, attention_mask: torch.Tensor, method: str = "mean", layer: int = -1) -> torch.Tensor:
+    """Pool token states of ``output`` (a tensor ``(B, T, H)`` or a model output) to ``(B, H)``.
+
+    ``method``: ``"mean"`` over attended tokens, ``"cls"`` (first token) or ``"last"``
+    (last attended token, for decoders). ``layer`` picks a hidden-state layer when the
+    output carries ``hidden_states``.
+    """
+    h = _hidden(output, layer)
+    if h.dim() != 3 or h.shape[:2] != attention_mask.shape:
+        raise ValueError(f"hidden states {tuple(h.shape)} do not match attention_mask "
+                         f"{tuple(attention_mask.shape)}")
+    if method == "mean":
+        m = attention_mask.to(h.dtype).unsqueeze(-1)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if method == "cls":
+        return h[:, 0]
+    if method == "last":
+        return h[torch.arange(h.shape[0], device=h.device), last_token_index(attention_mask)]
+    raise ValueError(f"unknown pooling {method!r}; choose 'mean', 'cls' or 'last'")
+
+
+def class_logits(output) -> torch.Tensor:
+    """Logits ``(B, C)`` of a sequence-classification output."""
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if logits is None or logits.dim() != 2:
+        raise ValueError("expected (batch, classes) logits; is this a sequence classifier? "
+                         "For a causal LM use label_token_logits")
+    return logits
+
+
+def label_token_logits(output, attention_mask: torch.Tensor, token_ids: Sequence[int] | torch.Tensor
+                       ) -> torch.Tensor:
+    """Next-token logits at the last attended position, restricted to ``token_ids``: ``(B, K)``."""
+    logits = output if isinstance(output, torch.Tensor) else output.logits
+    if logits.dim() != 3:
+        raise ValueError(f"expected causal-LM logits (batch, seq, vocab), got {tuple(logits.shape)}")
+    ids = torch.as_tensor(token_ids, device=logits.device, dtype=torch.long)
+    if ids.numel() < 2 or int(ids.max()) >= logits.shape[-1] or int(ids.min()) < 0:
+        raise ValueError(f"token_ids must be >= 2 ids in [0, {logits.shape[-1]}), got {ids.tolist()}")
+    last = last_token_index(attention_mask)
+    return logits[torch.arange(logits.shape[0], device=logits.device), last][:, ids]
+
+
+@dataclass
+class LabelTokenPrompt:
+    """A prompt template whose answer is one of a few label words, scored by next-token logits.
+
+    Parameters
+    ----------
+    tokenizer: a Hugging Face tokenizer.
+    template: a format string with ``{text}``, ending where the answer token would go.
+    labels: the answer words, one per class (their first token is the class's token).
+
+    Example
+    -------
+    ``prompt = LabelTokenPrompt(tok, "Review: {text}\\nSentiment (negative or positive):",
+    ["negative", "positive"])``; then ``enc = prompt.encode(texts)`` and
+    ``label_token_logits(model(**enc), enc["attention_mask"], prompt.token_ids)``.
+    """
+
+    tokenizer: object
+    template: str
+    labels: Sequence[str]
+    max_length: int = 128
+
+    def __post_init__(self):
+        if "{text}" not in self.template:
+            raise ValueError(f"template must contain '{{text}}', got {self.template!r}")
+        ids = []
+        for word in self.labels:
+            toks = self.tokenizer.encode(" " + word.strip(), add_special_tokens=False)
+            if not toks:
+                raise ValueError(f"label {word!r} encodes to no token")
+            ids.append(toks[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"labels {list(self.labels)} share a first token {ids}; "
+                             "choose words that start differently")
+        self.token_ids = ids
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise prompts (left-truncating the text so the answer slot survives)."""
+        prompts = [self.template.format(text=t) for t in texts]
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
+                  max_length=self.max_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -1,0 +1,124 @@
+"""One posterior interface: draws of named global sites, and predictions under them.
+
+Every approximation (an SVI guide here; Laplace, ensembles and others build on the same
+shape) is a :class:`Posterior`: ``sample(S)`` returns S dicts ``{site name: tensor}``, and
+``mean()`` one dict. Prediction conditions the model's sites on each draw with
+:func:`pyro.poutine.condition`, so whatever code runs the model under a draw needs no
+knowledge of where the draw came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import pyro
+import torch
+from pyro import poutine
+from tqdm.auto import tqdm
+
+__all__ = ["Posterior", "GuidePosterior", "predict_probs", "stack_draws"]
+
+Draw = dict[str, torch.Tensor]
+
+
+class Posterior:
+    """Base class: a distribution over named global sites."""
+
+    def sample(self, num_samples: int) -> list[Draw]:
+        raise NotImplementedError
+
+    def mean(self) -> Draw:
+        draws = self.sample(64)
+        return {k: torch.stack([d[k] for d in draws]).mean(0) for k in draws[0]}
+
+
+class GuidePosterior(Posterior):
+    """The posterior of a fitted Pyro guide.
+
+    ``args`` and ``kwargs`` are passed to the guide when it is run (autoguides need none once
+    fitted). Auxiliary and observed sites are left out of the draws.
+    """
+
+    def __init__(self, guide: Callable, *args, **kwargs):
+        self.guide, self.args, self.kwargs = guide, args, kwargs
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> list[Draw]:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        out = []
+        for _ in range(num_samples):
+            tr = poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
+            out.append({
+                name: site["value"].detach()
+                for name, site in tr.nodes.items()
+                if site["type"] == "sample" and not site["is_observed"]
+                and not site["infer"].get("is_auxiliary")
+            })
+        return out
+
+    @torch.no_grad()
+    def mean(self) -> Draw:
+        median = getattr(self.guide, "median", None)
+        if callable(median):  # exact for Gaussian guides; the median otherwise
+            return {k: v.detach() for k, v in median(*self.args, **self.kwargs).items()}
+        return super().mean()
+
+
+def stack_draws(draws: list[Draw]) -> dict[str, torch.Tensor]:
+    """``[{site: x}] * S`` to ``{site: x stacked on a leading axis of size S}``."""
+    if not draws:
+        raise ValueError("no draws to stack")
+    return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
+
+
+def _to_batch_call(fn, batch):
+    if isinstance(batch, Mapping):
+        return fn(**batch)
+    if isinstance(batch, (tuple, list)):
+        return fn(*batch)
+    return fn(batch)
+
+
+@torch.no_grad()
+def predict_probs(
+    fn: Callable,
+    data: Iterable,
+    posterior: Posterior | list[Draw] | None = None,
+    num_samples: int = 16,
+    progress: bool = True,
+    seed: int | None = 0,
+) -> torch.Tensor:
+    """Class probabilities under each posterior draw: a tensor of shape ``(S, N, C)``.
+
+    ``fn(batch) -> (B, C) probabilities`` runs the model on one batch (a mapping batch is
+    passed as keywords); under each draw its random sites take the drawn values. The same S
+    draws are used for every batch. With ``posterior=None``, ``fn`` runs once (S = 1): the
+    point-estimate prediction. The mean over the first axis is the posterior predictive.
+    """
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    if posterior is None:
+        draws: list[Draw | None] = [None]
+    elif isinstance(posterior, Posterior):
+        draws = posterior.sample(num_samples)
+    else:
+        draws = list(posterior)
+    chunks = []
+    total = len(data) if hasattr(data, "__len__") else None
+    for batch in tqdm(data, total=total, disable=not progress, desc="predict", leave=False):
+        per_draw = []
+        for d in draws:
+            if d is None:
+                p = _to_batch_call(fn, batch)
+            else:
+                with poutine.condition(data=d):
+                    p = _to_batch_call(fn, batch)
+            per_draw.append(p.detach().float())
+        chunks.append(torch.stack(per_draw))
+    if not chunks:
+        raise ValueError("the data yielded no batch: nothing to predict")
+    probs = torch.cat(chunks, dim=1)
+    if probs.dim() != 3:
+        raise ValueError(f"fn must return (batch, classes) probabilities, got {tuple(probs.shape[1:])}")
+    return probs
