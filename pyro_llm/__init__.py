@@ -6,8 +6,9 @@ one Pyro model function holds the adapter prior, the LLM forward pass and the li
 :func:`to_arviz` hands the result to ArviZ.
 """
 
-from . import data, features, likelihoods, metrics, priors
-from .infer import EarlyStopping, FitResult, fit_map, fit_svi, make_guide
+from . import data, features, likelihoods, metrics, models, plots, priors
+from .arviz_io import to_arviz
+from .infer import EarlyStopping, FitResult, fit_map, fit_svi, make_guide, scale_lr
 from .lora import BayesianLoRA, find_lora_parameters
 from .posterior import GuidePosterior, Posterior, predict_probs, stack_draws
 
@@ -27,14 +28,11 @@ __all__ = [
     "likelihoods",
     "make_guide",
     "metrics",
+    "models",
+    "plots",
     "predict_probs",
     "priors",
+    "scale_lr",
     "stack_draws",
+    "to_arviz",
 ]
-
-try:  # optional at import time: ArviZ export
-    from .arviz_io import to_arviz  # noqa: F401
-
-    __all__.append("to_arviz")
-except ImportError:  # pragma: no cover - arviz_io not yet present or arviz missing
-    pass

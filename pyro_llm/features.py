@@ -121,11 +121,20 @@ class LabelTokenPrompt:
         self.token_ids = ids
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise prompts (left-truncating the text so the answer slot survives)."""
+        """Tokenise prompts, truncating on the left so that the answer slot survives.
+
+        A prompt longer than ``max_length`` loses its first tokens (the start of the text,
+        and the template's head with it), never the end of the template.
+        """
         prompts = [self.template.format(text=t) for t in texts]
         tok = self.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-                  max_length=self.max_length)
+        side = getattr(tok, "truncation_side", "right")
+        tok.truncation_side = "left"
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
+                      max_length=self.max_length)
+        finally:
+            tok.truncation_side = side
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -148,11 +148,13 @@ class BayesianLoRA(PyroModule):
         adapter = lora_names[0].split(".")[-2]
         other_lora = {n for n in params if (".lora_A." in n or ".lora_B." in n)
                       and f".{adapter}." not in n}
-        trainable = [n for n, p in params.items() if p.requires_grad and n not in other_lora]
-        for n in lora_names:  # LoRA tensors of the adapter are always part of the model
-            if n not in trainable:
-                trainable.append(n)
         predicate = self._predicate(select)
+        # The adapter's LoRA tensors can be random even when frozen (a PeftModel loaded for
+        # inference marks them requires_grad=False); a frozen tensor that is not selected
+        # stays a constant (e.g. a fixed A, as in LoRA-FA), not a fitted pyro.param.
+        lora_set = set(lora_names)
+        trainable = [n for n, p in params.items() if n not in other_lora
+                     and (p.requires_grad or (n in lora_set and predicate(n)))]
         self.adapter_name = adapter
         self.prior = as_prior(prior)
         self.dropout = bool(dropout)
@@ -272,14 +274,18 @@ class BayesianLoRA(PyroModule):
 
 @contextlib.contextmanager
 def _train_mode(model: torch.nn.Module, mode: bool):
-    if model.training == mode:
+    # restore every module's own flag: peft leaves models in mixed modes (its new LoRA
+    # modules in train mode, a base model put in eval mode before wrapping stays so)
+    before = [(m, m.training) for m in model.modules()]
+    if all(t == mode for _, t in before):
         yield
         return
     model.train(mode)
     try:
         yield
     finally:
-        model.train(not mode)
+        for m, t in before:
+            m.training = t
 
 
 def _check_finite(args, kwargs) -> None:

@@ -11,6 +11,7 @@ if it is a tuple or list, and ``model(batch)`` otherwise.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -26,7 +27,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["FitResult", "EarlyStopping", "make_guide", "fit_svi", "fit_map"]
+_END = object()
+
+__all__ = ["FitResult", "EarlyStopping", "make_guide", "fit_svi", "fit_map", "scale_lr"]
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,11 @@ def fit_svi(
     *,
     epochs: int = 1,
     max_steps: int | None = None,
-    lr: float = 1e-3,
+    lr: float | Callable[[str], float] = 1e-3,
     num_particles: int = 1,
     init_values=None,
     init_scale: float = 1e-3,
-    clip_norm: float | None = 10.0,
+    clip_norm: float | None = None,
     checkpoint: str | None = None,
     checkpoint_every: int = 100,
     early_stopping: EarlyStopping | None = None,
@@ -156,6 +159,12 @@ def fit_svi(
         A re-iterable of batches (e.g. a ``torch.utils.data.DataLoader``).
     epochs, max_steps:
         Passes over ``data``; ``max_steps`` stops sooner.
+    lr:
+        AdamW learning rate, or a rule ``param name -> lr`` (see :func:`scale_lr`).
+    clip_norm:
+        Clip the gradient norm at this value. Off by default: clipping a stochastic ELBO
+        gradient reweights the noisy draws, which biases the fixed point (guide scales
+        come out too wide); Adam already bounds the step size.
     checkpoint:
         A directory; the fit state is written there every ``checkpoint_every`` steps and
         at the end, and a fit started with the same directory resumes from it.
@@ -209,7 +218,7 @@ def fit_map(
     loss: Callable[[torch.nn.Module, object], torch.Tensor] | None = None,
     epochs: int = 1,
     max_steps: int | None = None,
-    lr: float = 5e-4,
+    lr: float | Callable[[str], float] = 5e-4,
     weight_decay: float = 0.0,
     clip_norm: float | None = 10.0,
     checkpoint: str | None = None,
@@ -255,7 +264,8 @@ def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_
     total = epochs * n_batches if n_batches else None
     if max_steps is not None:
         total = min(total, max_steps) if total else max_steps
-    optim = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+    optim = torch.optim.AdamW(_param_groups(params, lr), lr=_lr_of(lr, ""),
+                              weight_decay=weight_decay)
     state = _LoopState()
     if checkpoint:
         meta = load_checkpoint(checkpoint, params, optim)
@@ -270,7 +280,11 @@ def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_
             rng = torch.get_rng_state()
             torch.manual_seed(base_seed * 100_003 + epoch)  # reproducible order on resume
             it = iter(data)
+            # a DataLoader's RandomSampler draws its shuffle seed at the first next(), so
+            # that must happen under the epoch seed too, not under the training RNG
+            first = next(it, _END)
             torch.set_rng_state(rng)
+            it = iter(()) if first is _END else itertools.chain([first], it)
             skip = state.step - epoch * n_batches if n_batches else 0
             for i, batch in enumerate(it):
                 if i < skip:
@@ -281,8 +295,8 @@ def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_
                 value = step_fn(batch)
                 if not torch.isfinite(value):
                     raise FloatingPointError(
-                        f"loss is {float(value)} at step {state.step}; lower lr (now {lr}) or "
-                        "check the data; the last checkpoint (if any) is intact"
+                        f"loss is {float(value.detach())} at step {state.step}; lower lr "
+                        f"(now {lr}) or check the data; the last checkpoint (if any) is intact"
                     )
                 value.backward()
                 if clip_norm:
@@ -317,6 +331,32 @@ def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_
         fit_seconds=seconds, seconds_per_step=seconds / max(state.step, 1),
         stopped_early=state.stopped, best_step=state.best_step,
     )
+
+
+def _lr_of(lr, name: str) -> float:
+    value = float(lr(name) if callable(lr) else lr)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"learning rate must be > 0, got {value!r} for {name or 'the default'!r}")
+    return value
+
+
+def _param_groups(params: dict[str, torch.Tensor], lr) -> list[dict]:
+    """One optimiser group per distinct learning rate (``lr`` may be ``name -> lr``)."""
+    groups: dict[float, list[torch.Tensor]] = {}
+    for name, p in params.items():
+        groups.setdefault(_lr_of(lr, name), []).append(p)
+    return [{"params": ps, "lr": value} for value, ps in groups.items()]
+
+
+def scale_lr(lr: float, scale_lr: float) -> Callable[[str], float]:
+    """A learning-rate rule for autoguides: ``scale_lr`` for scale parameters, ``lr`` otherwise.
+
+    Guide scales start small (the fine-tuned adapter is a point) and must travel several
+    log-units to the posterior width, while the locations should move little; Adam's step is
+    about ``lr`` per step in each, so the two deserve different rates.
+    """
+    suffixes = (".scale", ".scale_tril", ".cov_factor")
+    return lambda name: scale_lr if ".scales." in name or name.endswith(suffixes) else lr
 
 
 def _constrained(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
