@@ -21,8 +21,8 @@ import torch
 
 __all__ = ["main", "run", "parse_args"]
 
-QUICK = dict(n_train=160, n_test=400, map_epochs=3, svi_epochs=1, samples=4)
-FULL = dict(n_train=500, n_test=2000, map_epochs=6, svi_epochs=3, samples=16)
+QUICK = dict(n_train=200, n_test=500, map_epochs=5, svi_epochs=2, samples=4)
+FULL = dict(n_train=500, n_test=2000, map_epochs=6, svi_epochs=4, samples=16)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,9 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prior-scale", type=float, default=0.1, help="prior sd of LoRA entries (0.1)")
     p.add_argument("--select", default="B", choices=["A", "B", "AB"],
                    help="which LoRA matrices are random; the rest are point estimates (B)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate, MAP and SVI (1e-3)")
-    p.add_argument("--scale-lr", type=float, default=1e-2,
-                   help="SVI learning rate of the guide's scales (1e-2)")
+    p.add_argument("--lr", type=float, default=1e-3, help="MAP learning rate (1e-3)")
+    p.add_argument("--svi-lr", type=float, default=1e-4,
+                   help="SVI learning rate of the guide's locations and point estimates (1e-4)")
+    p.add_argument("--scale-lr", type=float, default=3e-2,
+                   help="SVI learning rate of the guide's scales (3e-2)")
     p.add_argument("--init-scale", type=float, default=1e-2, help="initial guide sd (1e-2)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
@@ -60,8 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k in ("n_train", "n_test", "map_epochs", "svi_epochs", "samples", "rank", "batch_size"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
-    if args.prior_scale <= 0 or args.lr <= 0 or args.init_scale <= 0 or args.scale_lr <= 0:
-        p.error("--prior-scale, --lr, --scale-lr and --init-scale must be > 0")
+    if args.prior_scale <= 0 or args.lr <= 0 or args.init_scale <= 0 or args.scale_lr <= 0 \
+            or args.svi_lr <= 0:
+        p.error("--prior-scale, --lr, --svi-lr, --scale-lr and --init-scale must be > 0")
     return args
 
 
@@ -119,8 +122,9 @@ def run(args) -> dict:
                         num_classes)
     test = TextDataset([texts[i] for i in te_idx], tok, labels[te_idx], args.max_length,
                        num_classes)
-    g = torch.Generator().manual_seed(args.seed)
-    train_dl = torch.utils.data.DataLoader(train, args.batch_size, shuffle=True, generator=g,
+    # no generator of its own: fit_map / fit_svi seed each epoch's order, so a resumed fit
+    # sees the same batches as an uninterrupted one
+    train_dl = torch.utils.data.DataLoader(train, args.batch_size, shuffle=True,
                                            collate_fn=collate)
     test_dl = torch.utils.data.DataLoader(test, 64, collate_fn=collate)
     y_test = test.labels
@@ -146,7 +150,7 @@ def run(args) -> dict:
 
     guide = make_guide(model, "normal", init_values=lora, init_scale=args.init_scale)
     svi_fit = fit_svi(model, guide, train_dl, epochs=args.svi_epochs,
-                      lr=scale_lr(args.lr, args.scale_lr),
+                      lr=scale_lr(args.svi_lr, args.scale_lr),
                       progress=progress, seed=args.seed, checkpoint=str(out / "svi_checkpoint"))
 
     def bayes_probs(input_ids, attention_mask, **_):

@@ -156,7 +156,10 @@ def fit_svi(
         :func:`make_guide`). Minibatch scaling is the model's: use
         ``pyro.plate(name, size=N, subsample=batch_index)``.
     data:
-        A re-iterable of batches (e.g. a ``torch.utils.data.DataLoader``).
+        A re-iterable of batches (e.g. a ``torch.utils.data.DataLoader``). Each epoch's
+        iterator is created under a seed derived from ``seed`` and the epoch, so a shuffling
+        DataLoader without a ``generator`` of its own visits the same order when a fit is
+        resumed (one with its own generator follows that generator instead).
     epochs, max_steps:
         Passes over ``data``; ``max_steps`` stops sooner.
     lr:
