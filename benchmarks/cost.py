@@ -500,11 +500,17 @@ def _svi_settings() -> dict:
     }
 
 
+# sizes of the per-step rows: quick ~1 min, full <= 5 min of timed rounds per row
+STEP_SIZES = dict(
+    quick=Sizes(warmup=3, min_rounds=10, max_rounds=30, budget_s=45, memory_steps=3),
+    full=Sizes(warmup=8, min_rounds=20, max_rounds=600, budget_s=300, memory_steps=5),
+)
+
+
 @register("svi_step_over_map_step", goal=1.15,
           numerator="one SVI step of Bayesian LoRA (as fit_svi)",
           denominator="one peft LoRA MAP training step",
-          quick=Sizes(warmup=3, min_rounds=10, max_rounds=30, budget_s=45, memory_steps=3),
-          full=Sizes(warmup=8, min_rounds=20, max_rounds=600, budget_s=300, memory_steps=5))
+          **STEP_SIZES)
 def svi_step_over_map_step(sides: Iterable[str]) -> Pair:
     """SVI step (``fit_svi``'s per-step work) over a peft MAP step, on real MiniLM and reviews.
 
@@ -525,8 +531,7 @@ def svi_step_over_map_step(sides: Iterable[str]) -> Pair:
 @register("svi_step_over_map_step_no_dropout", goal=1.15,
           numerator="one SVI step of Bayesian LoRA (as fit_svi)",
           denominator="one peft LoRA MAP training step with dropout off (eval mode)",
-          quick=Sizes(warmup=3, min_rounds=10, max_rounds=30, budget_s=45, memory_steps=3),
-          full=Sizes(warmup=8, min_rounds=20, max_rounds=600, budget_s=300, memory_steps=5))
+          **STEP_SIZES)
 def svi_step_over_map_step_no_dropout(sides: Iterable[str]) -> Pair:
     """Like ``svi_step_over_map_step``, but like for like: the MAP step runs in eval mode.
 
