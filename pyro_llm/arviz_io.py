@@ -68,7 +68,6 @@ def _np(x: torch.Tensor) -> np.ndarray:
 def _delta_norms(lora, stacked: dict[str, torch.Tensor], s: int) -> dict[str, np.ndarray]:
     """Per LoRA layer: ``||scaling * B @ A||_F`` for each draw, via the r x r Gram matrices."""
     import pyro
-    from peft.tuners.lora import LoraLayer
 
     store = pyro.get_param_store()
 
@@ -80,16 +79,14 @@ def _delta_norms(lora, stacked: dict[str, torch.Tensor], s: int) -> dict[str, np
         return fixed.detach().cpu().double().expand(s, *fixed.shape)
 
     out = {}
-    adapter = lora.adapter_name
-    for mod_name, m in lora.peft_model.named_modules():
-        if not isinstance(m, LoraLayer) or adapter not in m.lora_A:
-            continue
-        a_name, b_name = (f"{mod_name}.lora_{k}.{adapter}.weight" for k in "AB")
+    for a_name, b_name in zip(lora.lora_names[0::2], lora.lora_names[1::2], strict=True):  # (A, B) per layer
         if lora.site_name(a_name) not in stacked and lora.site_name(b_name) not in stacked:
             continue  # neither matrix is random: the update is a constant
+        mod_name = a_name.rsplit(".lora_A.", 1)[0]
         a, b = value(a_name), value(b_name)  # (S, r, in), (S, out, r)
         gram = (a @ a.transpose(-1, -2) * (b.transpose(-1, -2) @ b)).sum((-1, -2))
-        scaling = float(getattr(m, "scaling", {}).get(adapter, 1.0))
+        layer = lora.peft_model.get_submodule(mod_name)
+        scaling = float(getattr(layer, "scaling", {}).get(lora.adapter_name, 1.0))
         out[f"{lora.site_name(mod_name)}:delta_norm"] = _np(abs(scaling) * gram.clamp_min(0).sqrt())
     return out
 

@@ -16,7 +16,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-__all__ = ["Posterior", "GuidePosterior", "predict_probs", "stack_draws"]
+__all__ = ["Posterior", "GuidePosterior", "call_with_batch", "predict_probs", "stack_draws"]
 
 Draw = dict[str, torch.Tensor]
 
@@ -72,7 +72,8 @@ def stack_draws(draws: list[Draw]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
 
 
-def _to_batch_call(fn, batch):
+def call_with_batch(fn: Callable, batch):
+    """``fn(**batch)`` for a mapping, ``fn(*batch)`` for a tuple or list, else ``fn(batch)``."""
     if isinstance(batch, Mapping):
         return fn(**batch)
     if isinstance(batch, (tuple, list)):
@@ -110,10 +111,10 @@ def predict_probs(
         per_draw = []
         for d in draws:
             if d is None:
-                p = _to_batch_call(fn, batch)
+                p = call_with_batch(fn, batch)
             else:
                 with poutine.condition(data=d):
-                    p = _to_batch_call(fn, batch)
+                    p = call_with_batch(fn, batch)
             per_draw.append(p.detach().float())
         chunks.append(torch.stack(per_draw))
     if not chunks:

@@ -44,17 +44,13 @@ def test_bad_options_are_refused(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-def test_csv_without_label_column_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("csv, error, match", [
+    ("text,stance\nhello,1\n", SystemExit, "missing columns \\['label'\\]"),
+    ("text,label\ngood film,pos\nbad film,neg\n", ValueError, "requested 48 rows"),
+])
+def test_bad_csv_is_a_clear_error(tmp_path, csv, error, match):
     f = tmp_path / "texts.csv"
-    f.write_text("text,stance\nhello,1\n")
+    f.write_text(csv)
     args = demo.parse_args(TINY + ["--data", str(f), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="missing columns \\['label'\\]"):
-        demo.run(args)
-
-
-def test_too_many_rows_requested_is_a_clear_error(tmp_path):
-    f = tmp_path / "texts.csv"
-    f.write_text("text,label\ngood film,pos\nbad film,neg\n")
-    args = demo.parse_args(TINY + ["--data", str(f), "--out", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="requested 48 rows"):
+    with pytest.raises(error, match=match):
         demo.run(args)

@@ -25,6 +25,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from tqdm.auto import tqdm
 
+from ..posterior import call_with_batch
 from .checkpoint import load_checkpoint, save_checkpoint
 
 _END = object()
@@ -107,14 +108,6 @@ def make_guide(model: Callable, kind: str = "normal", init_values=None,
     return GUIDES[kind](model, init_loc_fn=loc_fn, init_scale=init_scale, **kwargs)
 
 
-def _call(fn: Callable, batch):
-    if isinstance(batch, Mapping):
-        return fn(**batch)
-    if isinstance(batch, (tuple, list)):
-        return fn(*batch)
-    return fn(batch)
-
-
 def _first_batch(data: Iterable):
     for batch in data:
         return batch
@@ -123,7 +116,7 @@ def _first_batch(data: Iterable):
 
 def _param_store_tensors(model, guide, batch, loss: Trace_ELBO) -> dict[str, torch.Tensor]:
     with poutine.trace(param_only=True) as tr:
-        _call(lambda *a, **k: loss.differentiable_loss(model, guide, *a, **k), batch)
+        call_with_batch(lambda *a, **k: loss.differentiable_loss(model, guide, *a, **k), batch)
     store = pyro.get_param_store()
     return {name: store._params[name] for name in tr.trace.nodes if name in store._params}
 
@@ -196,7 +189,7 @@ def fit_svi(
         raise ValueError("the model and guide have no parameters to fit")
 
     def step(batch):
-        return _call(lambda *a, **k: loss.differentiable_loss(model, guide, *a, **k), batch)
+        return call_with_batch(lambda *a, **k: loss.differentiable_loss(model, guide, *a, **k), batch)
 
     return _run(
         "svi", step, params, data, guide=guide, epochs=epochs, max_steps=max_steps, lr=lr,
