@@ -3,14 +3,16 @@
 LoRA adapter matrices of a peft model become Pyro random sites (:class:`BayesianLoRA`);
 one Pyro model function holds the adapter prior, the LLM forward pass and the likelihoods;
 :func:`fit_svi` fits it, :func:`predict_probs` predicts under posterior draws, and
-:func:`to_arviz` hands the result to ArviZ.
+:func:`to_arviz` hands the result to ArviZ; :func:`regress` uses the LLM's output as a
+covariate or outcome of a regression with honest intervals (:mod:`pyro_llm.regression`).
 """
 
-from . import data, features, likelihoods, metrics, models, plots, priors
+from . import data, features, likelihoods, metrics, models, plots, priors, regression
 from .arviz_io import to_arviz
 from .infer import EarlyStopping, FitResult, fit_map, fit_svi, make_guide, scale_lr
 from .lora import BayesianLoRA, find_lora_parameters
 from .posterior import GuidePosterior, Posterior, predict_probs, stack_draws
+from .regression import RegressionResult, regress
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,9 @@ __all__ = [
     "plots",
     "predict_probs",
     "priors",
+    "regress",
+    "regression",
+    "RegressionResult",
     "scale_lr",
     "stack_draws",
     "to_arviz",

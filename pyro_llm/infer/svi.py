@@ -100,6 +100,8 @@ def make_guide(model: Callable, kind: str = "normal", init_values=None,
     if hasattr(init_values, "init_values"):
         init_values = init_values.init_values()
     loc_fn = init_to_value(values=dict(init_values or {}), fallback=init_to_median)
+    # discrete sites marked for enumeration are summed out by TraceEnum_ELBO, not guided
+    model = poutine.block(model, hide_fn=lambda msg: msg.get("infer", {}).get("enumerate") == "parallel")
     if kind == "delta":
         return ag.AutoDelta(model, init_loc_fn=loc_fn)
     if init_scale <= 0:
@@ -114,7 +116,7 @@ def _first_batch(data: Iterable):
     raise ValueError("the data yielded no batch: the dataset is empty")
 
 
-def _param_store_tensors(model, guide, batch, loss: Trace_ELBO) -> dict[str, torch.Tensor]:
+def _param_store_tensors(model, guide, batch, loss) -> dict[str, torch.Tensor]:
     with poutine.trace(param_only=True) as tr:
         call_with_batch(lambda *a, **k: loss.differentiable_loss(model, guide, *a, **k), batch)
     store = pyro.get_param_store()
@@ -138,6 +140,7 @@ def fit_svi(
     early_stopping: EarlyStopping | None = None,
     progress: bool = True,
     seed: int | None = 0,
+    elbo=None,
 ) -> FitResult:
     """Stochastic variational inference over ``model`` with ``guide``, on minibatches of ``data``.
 
@@ -164,6 +167,10 @@ def fit_svi(
     checkpoint:
         A directory; the fit state is written there every ``checkpoint_every`` steps and
         at the end, and a fit started with the same directory resumes from it.
+    elbo:
+        The Pyro ELBO (default ``Trace_ELBO(num_particles)``); pass
+        ``TraceEnum_ELBO(max_plate_nesting=...)`` for a model whose discrete sites are
+        enumerated (the autoguides leave those sites out).
 
     Example
     -------
@@ -178,7 +185,7 @@ def fit_svi(
     >>> len(res.losses)
     8
     """
-    loss = Trace_ELBO(num_particles=num_particles)
+    loss = Trace_ELBO(num_particles=num_particles) if elbo is None else elbo
     if seed is not None:
         pyro.set_rng_seed(seed)
     if isinstance(guide, str):
