@@ -33,6 +33,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
 from benchmarks import scenarios  # noqa: E402
 
 QUICK_R, FULL_R = 200, 1000
+JOINT_DRAWS = 200  # posterior draws per joint fit (the interval's quantiles)
 
 
 def _one(args):
@@ -51,7 +52,7 @@ def _one(args):
             res = kwargs()
         else:
             res = regress(rep.df, rep.formula, label=rep.label, role=rep.role, seed=seed,
-                          **{"num_draws": 400, **kwargs} if kwargs["method"] == "joint" else kwargs)
+                          **{"num_draws": JOINT_DRAWS, **kwargs} if kwargs["method"] == "joint" else kwargs)
         secs = time.perf_counter() - start
         est = res[rep.coef]
         # the point estimate: the posterior median for draw-based methods (robust to tails)
@@ -104,6 +105,22 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: list[dict]) -> str:
+    """The README's table: one row per scenario and method."""
+    lines = ["| scenario | method | R | bias | RMSE | coverage (MC s.e.) | width (median) | width / PPI++ "
+             "| s/rep |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for res in results:
+        name = res["scenario"] + ("" if not res["variant"] else " " + ", ".join(
+            f"{k}={v}" for k, v in res["variant"].items()))
+        ppi = next((m for k, m in res["methods"].items() if k.startswith("ppi++") and "reuse" not in k), None)
+        for label, m in res["methods"].items():
+            rel = f"{m['width'] / ppi['width']:.2f}" if ppi else "-"
+            lines.append(f"| {name} | {label} | {m['R']} | {m['bias']:+.4f} | {m['rmse']:.4f} | "
+                         f"{m['coverage']:.3f} ({m['coverage_mcse']:.3f}) | {m['width']:.4f} "
+                         f"({m['width_median']:.4f}) | {rel} | {m['sec_per_rep']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"R = {QUICK_R} (S1 smaller) instead of {FULL_R}")
@@ -112,9 +129,14 @@ def main(argv=None):
                    choices=list(scenarios.SCENARIOS))
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, help="write the results as JSON here (after every scenario)")
+    p.add_argument("--markdown", type=Path, nargs="+", metavar="JSON",
+                   help="print the results in these JSON files as a Markdown table and exit")
     p.add_argument("--resume", action="store_true",
                    help="keep the scenarios already in --out (same variant and R) and run the rest")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown([r for f in args.markdown for r in json.loads(f.read_text())]))
+        return None
     results = []
     if args.resume:
         if not args.out or not args.out.exists():

@@ -58,8 +58,9 @@ def b1(seed: int, a: float = 2.5, leak: float = 0.5, n: int = 500, N: int = N_CO
         "labelled_only": {"method": "labelled_only", "predictions": zhat},
         "ppi++": {"method": "ptd", "predictions": zhat, "tune_for": COEF},
         "joint": {"method": "joint", "predictions": s},
-        "joint (labels)": {"method": "joint", "predictions": zhat},
     }
+    if leak > 0:  # the same information as PPI++: the coded labels only
+        runs["joint (labels)"] = {"method": "joint", "predictions": zhat}
     return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0, runs,
                      info={"accuracy": float((zhat == z).mean())})
 
@@ -218,7 +219,7 @@ def timed(fn, *args, **kwargs):
 def reps(name: str, quick: bool, quick_r: int, full_r: int) -> int:
     """Replications per scenario: the spec's R, fewer for S1 and B3, which fine-tune six LoRA models
     per replication (one on all labelled rows, five cross-fitting folds)."""
-    small = {"S1": (8, 40), "B3": (100, 200)}
+    small = {"S1": (6, 40), "B3": (80, 200)}
     if name in small:
         return small[name][0 if quick else 1]
     return quick_r if quick else full_r

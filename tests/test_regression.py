@@ -341,3 +341,55 @@ def test_nonlinear_formula_in_a_continuous_label_is_refused():
         regress(df, "y ~ z + I(z**2) + q", label="z", predictions=pred)
     with pytest.raises(ValueError, match=r"\(N,\) values or \(S, N\) draws"):
         regress(df, "y ~ z + q", label="z", predictions=np.zeros((300, 2)))
+
+
+# ---------------------------------------------------------------- the end-to-end (seed 000) model
+def test_end_to_end_model_enumeration_equals_the_hand_sum():
+    from pyro_llm.regression.structural import joint_lora_model
+
+    g = torch.Generator().manual_seed(2)
+    B, p = 6, 3
+    logits = torch.randn(B, 2, generator=g)
+    Xk = torch.randn(2, B, p, generator=g)
+    y, z = torch.randn(B, generator=g), torch.tensor([1, 0, 0, 1, 0, 0])
+    lab = torch.tensor([True, True, False, False, True, False])
+    coef, sigma = torch.tensor([0.3, -0.2, 0.5]), torch.tensor(0.8)
+    model = poutine.condition(joint_lora_model, data={"coef": coef, "sigma": sigma})
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(model, lambda *a, **k: None, lambda x: x, logits, Xk,
+                                                    y, z, lab, (3, 3))
+    total = stats.norm.logpdf(coef.numpy(), 0, 10).sum() + stats.halfnorm.logpdf(0.8, scale=10)
+    lp = logits.log_softmax(-1).numpy()
+    for i in range(B):
+        terms = [lp[i, k] + stats.norm.logpdf(float(y[i]), float(Xk[k, i] @ coef), 0.8) for k in range(2)]
+        total += terms[int(z[i])] if lab[i] else np.logaddexp(*terms)
+    assert -loss == pytest.approx(total, rel=1e-5)
+
+
+def test_fit_joint_lora_runs_on_a_peft_model_and_returns_coefficient_draws():
+    import peft
+
+    from pyro_llm import BayesianLoRA, fit_map
+    from pyro_llm.regression import fit_joint_lora
+
+    rng = np.random.default_rng(0)
+    N, n = 400, 80
+    q = rng.normal(size=N)
+    z = (rng.random(N) < expit(q)).astype(int)
+    x = np.column_stack([2 * z - 1 + 0.5 * rng.normal(size=N), q, rng.normal(size=(N, 2))])
+    y = 1 + z + 0.5 * q + rng.normal(size=N)
+    lab = np.zeros(N, bool)
+    lab[:n] = True
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    fit_map(pm, [(xt[:n], torch.as_tensor(z[:n]))], epochs=60, lr=2e-2, progress=False,
+            loss=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+    lora = BayesianLoRA(pm, prior=0.5, select="B")
+    df = pd.DataFrame({"y": y, "q": q, "z": np.where(lab, z, np.nan)})
+    res = fit_joint_lora(df, "y ~ z + q", label="z", lora=lora, inputs=xt, steps=150, lr=1e-2,
+                         num_draws=200)
+    assert res.coef_names == ("Intercept", "z", "q") and res.draws.shape == (200, 3)
+    assert abs(res["z"]["mean"] - 1.0) < 4 * res["z"]["sd"] + 0.1
+    with pytest.raises(ValueError, match="inputs has 10 rows"):
+        fit_joint_lora(df, "y ~ z + q", label="z", lora=lora, inputs=xt[:10])

@@ -69,9 +69,9 @@ def fit_joint_lora(df, formula: str, *, label: str, lora, inputs, steps: int = 5
     if len(inputs) != N:
         raise ValueError(f"inputs has {len(inputs)} rows but the DataFrame has {N}")
     Xk = torch.as_tensor(design.X_by_class, dtype=torch.float32)
-    y = torch.as_tensor(design.y, dtype=torch.float32)
-    z = torch.as_tensor(np.where(design.labelled, design.z, 0))
-    lab = torch.as_tensor(design.labelled)
+    y = torch.tensor(design.y, dtype=torch.float32)
+    z = torch.tensor(np.where(design.labelled, design.z, 0))
+    lab = torch.tensor(design.labelled)
     g = torch.Generator().manual_seed(seed)
     bs = batch_size or N
 
