@@ -37,7 +37,7 @@ JOINT_DRAWS = 200  # posterior draws per joint fit (the interval's quantiles)
 
 
 def _one(args):
-    name, variant, seed = args
+    name, variant, seed, methods = args
     import torch
 
     from pyro_llm.regression import regress
@@ -47,6 +47,8 @@ def _one(args):
     rep = fn(seed, **variant)
     out = {"llm_s": rep.llm_s, "info": rep.info, "methods": {}}
     for label, kwargs in rep.runs.items():
+        if methods and label not in methods:
+            continue
         start = time.perf_counter()
         if callable(kwargs):  # a method outside regress (B3's end-to-end model)
             res = kwargs()
@@ -78,8 +80,8 @@ def summarise(reps: list[dict]) -> dict:
     return out
 
 
-def run_scenario(name: str, variant: dict, R: int, workers: int, index: int) -> dict:
-    jobs = [(name, variant, 1000 * index + r) for r in range(R)]
+def run_scenario(name: str, variant: dict, R: int, workers: int, index: int, methods=None) -> dict:
+    jobs = [(name, variant, 1000 * index + r, methods) for r in range(R)]
     start = time.perf_counter()
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -128,6 +130,7 @@ def main(argv=None):
     p.add_argument("--scenarios", nargs="+", default=list(scenarios.SCENARIOS),
                    choices=list(scenarios.SCENARIOS))
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--methods", nargs="+", help="run only these methods (labels as in the table)")
     p.add_argument("--out", type=Path, help="write the results as JSON here (after every scenario)")
     p.add_argument("--markdown", type=Path, nargs="+", metavar="JSON",
                    help="print the results in these JSON files as a Markdown table and exit")
@@ -152,7 +155,7 @@ def main(argv=None):
             if done:
                 print(table(done[0]), "(kept from --out)", flush=True)
                 continue
-            res = run_scenario(name, variant, R, args.workers, index)
+            res = run_scenario(name, variant, R, args.workers, index, args.methods)
             results.append(res)
             print(table(res), flush=True)
             if args.out:

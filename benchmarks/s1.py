@@ -60,8 +60,11 @@ def prefix_states():
 
 def _top():
     from transformers import AutoModel
+    from transformers.utils import logging
 
     from pyro_llm import data
+
+    logging.disable_progress_bar()
 
     bert = AutoModel.from_pretrained(data.minilm_path())
     return TopOfEncoder(bert.encoder.layer[-1], bert.config.hidden_size)
@@ -147,6 +150,7 @@ def s1(seed: int, N: int = 2000, n: int = 500, folds: int = 5):
         "ppi++ (cross-fit)": {"method": "ptd", "predictions": zhat_cf, "tune_for": "z"},
         "mi (LoRA draws)": {"method": "mi", "predictions": full},
         "joint": {"method": "joint", "predictions": oof},
+        "joint_dr": {"method": "joint_dr", "predictions": oof, "tune_for": "z"},
     }
     info = {"accuracy_in_sample": float((zhat == z)[lab].mean()),
             "accuracy_out_of_sample": float((zhat == z)[~lab].mean()),

@@ -58,6 +58,7 @@ def b1(seed: int, a: float = 2.5, leak: float = 0.5, n: int = 500, N: int = N_CO
         "labelled_only": {"method": "labelled_only", "predictions": zhat},
         "ppi++": {"method": "ptd", "predictions": zhat, "tune_for": COEF},
         "joint": {"method": "joint", "predictions": s},
+        "joint_dr": {"method": "joint_dr", "predictions": s, "tune_for": COEF},
     }
     if leak > 0:  # the same information as PPI++: the coded labels only
         runs["joint (labels)"] = {"method": "joint", "predictions": zhat}
@@ -91,6 +92,7 @@ def b2(seed: int, n: int = 500, N: int = N_CORPUS) -> Replicate:
         "labelled_only": {"method": "labelled_only", "predictions": zhat},
         "ppi++": {"method": "ptd", "predictions": zhat, "tune_for": "q2"},
         "joint": {"method": "joint", "predictions": zhat},
+        "joint_dr": {"method": "joint_dr", "predictions": zhat, "tune_for": "q2"},
     }
     return Replicate(df, "z ~ q1 + q2", "z", "outcome", "q2", b2_truth(), runs,
                      info={"accuracy": float((zhat == z).mean())})
@@ -186,6 +188,7 @@ def b3(seed: int, n: int = 300, N: int = N_CORPUS, folds: int = 5) -> Replicate:
         "mi (LoRA draws)": {"method": "mi", "predictions": full},
         "joint (no cross-fit)": {"method": "joint", "predictions": full.mean(0)},
         "joint": {"method": "joint", "predictions": oof},
+        "joint_dr": {"method": "joint_dr", "predictions": oof, "tune_for": "z"},
     }
     if seed % E2E_EVERY == 0:  # the end-to-end fit costs as much as the rest together
         runs["joint (end-to-end LoRA)"] = end_to_end

@@ -24,7 +24,7 @@ def test_coverage_cli_writes_the_spec_json_and_resumes(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["scenario"] for r in rows] == ["B2"] and rows[0]["R"] == 3 and rows[0]["variant"] == {}
     methods = rows[0]["methods"]
-    assert set(methods) == {"naive", "labelled_only", "ppi++", "joint"}
+    assert set(methods) == {"naive", "labelled_only", "ppi++", "joint", "joint_dr"}
     for m in methods.values():
         assert KEYS <= set(m) and 0 <= m["coverage"] <= 1 and m["width"] > 0
     assert "joint" in first.stdout and "coverage" in first.stdout

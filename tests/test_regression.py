@@ -105,7 +105,7 @@ def test_joint_recovers_the_coefficient_where_naive_is_biased(a, leak, sign):
     """The coverage benchmark's B1 at full size, one seed: the plug-in's bias flips sign between
     the variants (BENCHMARKS.md); the joint estimate is within 3 posterior sds of the truth."""
     df, s, _ = b1_frame(seed=1, N=10_000, n=500, a=a, leak=leak)
-    res = regress(df, "y ~ z + q", label="z", predictions=s, num_draws=400, seed=0)
+    res = regress(df, "y ~ z + q", label="z", predictions=s, method="joint", num_draws=400, seed=0)
     est = res["z"]
     assert abs(est["mean"] - 1.0) < 3 * est["sd"], est
     assert res.info["measurement"] == "ordinal"
@@ -123,7 +123,8 @@ def test_outcome_role_recovers_a_linear_probability_coefficient():
     lab = np.zeros(N, bool)
     lab[rng.choice(N, n, replace=False)] = True
     df = pd.DataFrame({"q1": q1.clip(-2, 2), "q2": q2, "z": np.where(lab, z, np.nan)})
-    res = regress(df, "z ~ q1 + q2", label="z", role="outcome", predictions=zhat, num_draws=400)
+    res = regress(df, "z ~ q1 + q2", label="z", role="outcome", predictions=zhat, method="joint",
+                  num_draws=400)
     assert res.info["measurement"] == "label"
     for name, truth in (("q1", 0.1), ("q2", -0.1)):
         assert abs(res[name]["mean"] - truth) < 3 * res[name]["sd"], (name, res[name])
@@ -146,7 +147,8 @@ def survey_frame(seed=0, N=800, n=200):
 
 def test_regress_from_a_dataframe_with_string_labels_and_factors():
     df, logit = survey_frame()
-    res = regress(df, "y ~ stance + age + C(region)", label="stance", predictions=logit, num_draws=300)
+    res = regress(df, "y ~ stance + age + C(region)", label="stance", predictions=logit, method="joint",
+                  num_draws=300)
     table = res.summary()
     assert list(table.index) == ["Intercept", "stance[T.pro]", "age", "C(region)[T.south]",
                                  "C(region)[T.west]"]
@@ -158,6 +160,7 @@ def test_regress_from_a_dataframe_with_string_labels_and_factors():
     assert set(idata.posterior.data_vars) == set(table.index)
     assert idata.posterior["age"].shape == (1, 300)
     naive = regress(df, "y ~ stance + age + C(region)", label="stance", predictions=logit, method="naive")
+    assert regress(df, "y ~ stance + age", label="stance", predictions=logit).method == "ptd"  # the default
     fig = forest_plot([res, naive], path=None)
     assert len(fig.axes) == 1 and len(fig.axes[0].get_yticks()) == 5
     both = compare([res, naive], coef="age")
@@ -304,7 +307,7 @@ def continuous_frame(seed=0, N=5000, n=400, leak=0.5):
 
 def test_continuous_z_completion_is_recovered_and_naive_is_not():
     df, pred, _ = continuous_frame()
-    res = regress(df, "y ~ z + q", label="z", predictions=pred, num_draws=400)
+    res = regress(df, "y ~ z + q", label="z", predictions=pred, method="joint", num_draws=400)
     assert res.info["kind"] == "continuous" and res.info["measurement"] == "continuous"
     assert abs(res["z"]["mean"] - 2.0) < 3 * res["z"]["sd"], res["z"]
     naive = regress(df, "y ~ z + q", label="z", predictions=pred, method="naive")
@@ -393,3 +396,38 @@ def test_fit_joint_lora_runs_on_a_peft_model_and_returns_coefficient_draws():
     assert abs(res["z"]["mean"] - 1.0) < 4 * res["z"]["sd"] + 0.1
     with pytest.raises(ValueError, match="inputs has 10 rows"):
         fit_joint_lora(df, "y ~ z + q", label="z", lora=lora, inputs=xt[:10])
+
+
+def test_joint_dr_debiases_the_completion_models_predictions():
+    """Doubly robust: the completion model's E[z | m, F] as the PTD prediction. With a completion
+    model made useless (a measurement that is pure noise), it falls back to the labelled rows
+    (λ near 0) instead of trusting it; with an informative LLM it is narrower than labelled-only."""
+    df, s, _ = b1_frame(seed=2, N=6000, n=400, a=2.5, leak=0.5)
+    good = regress(df, "y ~ z + q", label="z", predictions=s, method="joint_dr", tune_for="z")
+    lab_only = regress(df, "y ~ z + q", label="z", predictions=s, method="labelled_only")
+    assert abs(good["z"]["mean"] - 1.0) < 3 * good["z"]["sd"]
+    assert good["z"]["sd"] < 0.5 * lab_only["z"]["sd"] and good.info["lam"] > 0.5
+    noise = np.random.default_rng(0).normal(size=len(df))
+    bad = regress(df, "y ~ z + q", label="z", predictions=noise, method="joint_dr", tune_for="z")
+    assert bad.info["lam"] < 0.3
+    assert abs(bad["z"]["mean"] - 1.0) < 3 * bad["z"]["sd"]
+    cdf, pred, _ = continuous_frame(N=300, n=50)
+    with pytest.raises(ValueError, match="categorical label"):
+        regress(cdf, "y ~ z + q", label="z", predictions=pred, method="joint_dr")
+
+
+def test_logistic_target_regression_with_a_coded_covariate():
+    """family="binomial": a binary outcome, z coded; joint and ptd recover the logistic coefficient."""
+    rng = np.random.default_rng(4)
+    N, n = 8000, 800
+    q = rng.normal(size=N)
+    z = (rng.random(N) < expit(0.5 * q)).astype(int)
+    y = (rng.random(N) < expit(-0.5 + 1.0 * z + 0.5 * q)).astype(int)
+    s = 2.5 * (2 * z - 1) + 0.5 * q + rng.normal(size=N)
+    lab = np.zeros(N, bool)
+    lab[rng.choice(N, n, replace=False)] = True
+    df = pd.DataFrame({"y": y, "q": q, "z": np.where(lab, z, np.nan)})
+    for method in ("joint", "ptd"):
+        res = regress(df, "y ~ z + q", label="z", predictions=s, method=method, family="binomial",
+                      num_draws=300)
+        assert abs(res["z"]["mean"] - 1.0) < 3 * res["z"]["sd"], (method, res["z"])

@@ -11,12 +11,12 @@ import torch
 
 from . import estimators as est
 from .design import Design, build_design
-from .joint import joint_draws, weighted_fit
+from .joint import completion_expectations, joint_draws, weighted_fit
 from .result import RegressionResult
 
 __all__ = ["METHODS", "LLMOutputs", "llm_outputs", "regress"]
 
-METHODS = ("joint", "naive", "labelled_only", "ptd", "mi")
+METHODS = ("joint", "joint_dr", "naive", "labelled_only", "ptd", "mi")
 
 
 class LLMOutputs:
@@ -149,7 +149,7 @@ def _multiple_imputation(design: Design, draws: np.ndarray, family: str, seed: i
 
 
 def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariate", predictions=None,
-            llm: Callable | None = None, text: str | None = None, method: str = "joint",
+            llm: Callable | None = None, text: str | None = None, method: str = "ptd",
             family: str = "gaussian", measurement: str | None = None, bins: int = 10, classes=None,
             kind: str = "auto",
             level: float = 0.95, num_draws: int = 1000, tune_for: str | None = None,
@@ -175,10 +175,15 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
         (cross-fitting, :func:`pyro_llm.regression.crossfit`), or every method that compares
         predictions with gold labels is misled.
     method:
-        ``"joint"`` (default; the completion model with multiple imputation, see
-        :mod:`pyro_llm.regression.joint`), ``"naive"`` (plug-in), ``"labelled_only"``, ``"ptd"``
-        (PPI++ / predict-then-debias), ``"mi"`` (multiple imputation from the LLM's posterior
-        predictive draws, assuming they are calibrated and the LLM's errors independent of the rest).
+        ``"ptd"`` (default: PPI++ / predict-then-debias, the one method that covered in every
+        scenario of the coverage benchmark), ``"joint"`` (the completion model with multiple
+        imputation, see :mod:`pyro_llm.regression.joint`: narrower when its completion model
+        holds, invalid when it does not), ``"naive"`` (plug-in), ``"labelled_only"``, ``"mi"``
+        (multiple imputation from the LLM's posterior predictive draws, assuming they are
+        calibrated and the LLM's errors independent of the rest),
+        ``"joint_dr"`` (doubly robust: the completion model's expected z for every row as the
+        prediction of PPI++ / predict-then-debias, so the estimate stays valid when the completion
+        model is wrong and the labelled rows are a random sample).
     family:
         ``"gaussian"`` (least squares) or ``"binomial"`` (logistic) for the target regression.
     measurement, bins:
@@ -222,17 +227,27 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
                           "raise num_draws, or use measurement='label' or fewer bins", stacklevel=2)
         return RegressionResult("joint", design.coef_names, draws.mean(0), np.atleast_2d(np.cov(draws.T)),
                                 level, draws, info)
-    if method == "mi":
-        if out.draws is None:
-            raise ValueError("method='mi' needs posterior predictive draws: predictions of shape (S, N, K)")
-        coef, cov = _multiple_imputation(design, out.draws, family, seed)
-        return RegressionResult("mi", design.coef_names, coef, cov, level, None, info)
     coord = None
     if tune_for is not None:
         if tune_for not in design.coef_names:
             raise ValueError(f"tune_for={tune_for!r} is not a coefficient; "
                              f"they are {list(design.coef_names)}")
         coord = design.coef_names.index(tune_for)
+    if method == "joint_dr":
+        m, measurement, dim = _measurement(out, design, measurement, bins)
+        Xh, yh = completion_expectations(design, m, measurement=measurement, dim=dim)
+        lab = design.labelled
+        zg = np.where(lab, design.z, 0)
+        X_gold, y_gold = design.X(zg), design.response(zg)
+        fit = est.ptd(X_gold[lab], y_gold[lab], Xh[lab], yh[lab], Xh[~lab], yh[~lab], family=family,
+                      coord=coord)
+        info.update(fit.extra, measurement=measurement)
+        return RegressionResult("joint_dr", design.coef_names, fit.coef, fit.cov, level, None, info)
+    if method == "mi":
+        if out.draws is None:
+            raise ValueError("method='mi' needs posterior predictive draws: predictions of shape (S, N, K)")
+        coef, cov = _multiple_imputation(design, out.draws, family, seed)
+        return RegressionResult("mi", design.coef_names, coef, cov, level, None, info)
     fit = _frequentist(design, out.labels, method, family, coord)
     info.update(fit.extra)
     return RegressionResult(method, design.coef_names, fit.coef, fit.cov, level, None, info)
