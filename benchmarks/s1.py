@@ -123,7 +123,7 @@ def s1(seed: int, N: int = 2000, n: int = 500, folds: int = 5):
     """Real reviews as the corpus; z = fresh; Q and Y simulated around z as in B1."""
     import pandas as pd
 
-    from benchmarks.scenarios import Replicate
+    from benchmarks.scenarios import Replicate, lora_runs
     from pyro_llm.regression.crossfit import crossfit
 
     _, _, gold = prefix_states()
@@ -136,23 +136,12 @@ def s1(seed: int, N: int = 2000, n: int = 500, folds: int = 5):
     lab[rng.choice(N, n, replace=False)] = True
     start = time.perf_counter()
     full = minilm_codes(pool_rows[lab], z[lab], pool_rows, seed)
+
     def fold(tr, rows):
         return minilm_codes(pool_rows[tr], z[tr], pool_rows[rows], seed + 1, samples=4).mean(0)
 
     oof = crossfit(fold, lab, folds, seed)
     llm_s = time.perf_counter() - start
-    zhat, zhat_cf = full.mean(0).argmax(-1), oof.argmax(-1)
     df = pd.DataFrame({"y": y, "q": q, "z": np.where(lab, z, np.nan)})
-    runs = {
-        "naive": {"method": "naive", "predictions": zhat},
-        "labelled_only": {"method": "labelled_only", "predictions": zhat},
-        "ppi++ (reuse)": {"method": "ptd", "predictions": zhat, "tune_for": "z"},
-        "ppi++ (cross-fit)": {"method": "ptd", "predictions": zhat_cf, "tune_for": "z"},
-        "mi (LoRA draws)": {"method": "mi", "predictions": full},
-        "joint": {"method": "joint", "predictions": oof},
-        "joint_dr": {"method": "joint_dr", "predictions": oof, "tune_for": "z"},
-    }
-    info = {"accuracy_in_sample": float((zhat == z)[lab].mean()),
-            "accuracy_out_of_sample": float((zhat == z)[~lab].mean()),
-            "accuracy_cross_fit": float((zhat_cf == z).mean())}
+    runs, info = lora_runs(full, oof, z, lab)
     return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0, runs, llm_s, info)

@@ -151,6 +151,27 @@ def lora_mlp_codes(x, labels, train_rows, predict_rows, seed: int, samples: int 
                                   seed=seed).numpy()
 
 
+def lora_runs(full, oof, z, lab, no_crossfit_joint: bool = False) -> tuple[dict, dict]:
+    """The methods of B3 and S1, from the all-labelled model's draws ``full`` (S, N, 2) and the
+    cross-fitted probabilities ``oof`` (N, 2); and the coder's accuracies."""
+    zhat, zhat_cf = full.mean(0).argmax(-1), oof.argmax(-1)
+    runs = {
+        "naive": {"method": "naive", "predictions": zhat},
+        "labelled_only": {"method": "labelled_only", "predictions": zhat},
+        "ppi++ (reuse)": {"method": "ptd", "predictions": zhat, "tune_for": "z"},
+        "ppi++ (cross-fit)": {"method": "ptd", "predictions": zhat_cf, "tune_for": "z"},
+        "mi (LoRA draws)": {"method": "mi", "predictions": full},
+    }
+    if no_crossfit_joint:
+        runs["joint (no cross-fit)"] = {"method": "joint", "predictions": full.mean(0)}
+    runs["joint"] = {"method": "joint", "predictions": oof}
+    runs["joint_dr"] = {"method": "joint_dr", "predictions": oof, "tune_for": "z"}
+    info = {"accuracy_in_sample": float((zhat == z)[lab].mean()),
+            "accuracy_out_of_sample": float((zhat == z)[~lab].mean()),
+            "accuracy_cross_fit": float((zhat_cf == z).mean())}
+    return runs, info
+
+
 def b3(seed: int, n: int = 300, N: int = N_CORPUS, folds: int = 5) -> Replicate:
     """The classifier is a peft LoRA model fine-tuned on the same labelled rows."""
     from pyro_llm.regression.crossfit import crossfit
@@ -167,7 +188,6 @@ def b3(seed: int, n: int = 300, N: int = N_CORPUS, folds: int = 5) -> Replicate:
     full = lora_mlp_codes(x, z, np.flatnonzero(lab), np.arange(N), seed)           # (S, N, 2)
     oof = crossfit(lambda tr, rows: lora_mlp_codes(x, z, tr, rows, seed + 1).mean(0), lab, folds, seed)
     llm_s = time.perf_counter() - start
-    zhat, zhat_cf = full.mean(0).argmax(-1), oof.argmax(-1)
     df = pd.DataFrame({"y": y, "q": q, "z": np.where(lab, z, np.nan)})
 
     def end_to_end():
@@ -180,21 +200,9 @@ def b3(seed: int, n: int = 300, N: int = N_CORPUS, folds: int = 5) -> Replicate:
                               inputs=torch.as_tensor(x, dtype=torch.float32), steps=400, batch_size=2500,
                               seed=seed)
 
-    runs = {
-        "naive": {"method": "naive", "predictions": zhat},
-        "labelled_only": {"method": "labelled_only", "predictions": zhat},
-        "ppi++ (reuse)": {"method": "ptd", "predictions": zhat, "tune_for": "z"},
-        "ppi++ (cross-fit)": {"method": "ptd", "predictions": zhat_cf, "tune_for": "z"},
-        "mi (LoRA draws)": {"method": "mi", "predictions": full},
-        "joint (no cross-fit)": {"method": "joint", "predictions": full.mean(0)},
-        "joint": {"method": "joint", "predictions": oof},
-        "joint_dr": {"method": "joint_dr", "predictions": oof, "tune_for": "z"},
-    }
+    runs, info = lora_runs(full, oof, z, lab, no_crossfit_joint=True)
     if seed % E2E_EVERY == 0:  # the end-to-end fit costs as much as the rest together
         runs["joint (end-to-end LoRA)"] = end_to_end
-    info = {"accuracy_in_sample": float((zhat == z)[lab].mean()),
-            "accuracy_out_of_sample": float((zhat == z)[~lab].mean()),
-            "accuracy_cross_fit": float((zhat_cf == z).mean())}
     return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0, runs, llm_s, info)
 
 

@@ -121,3 +121,33 @@ def fake_finetune(peft_model, seed: int = 1, scale: float = 0.3) -> None:
     for n, p in peft_model.named_parameters():
         if ".lora_B." in n:
             p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+# ---------------------------------------------------------------- notebooks
+def run_notebook_smoke(path, monkeypatch) -> tuple[str, int]:
+    """Execute a notebook in a fresh kernel with ``PYRO_LLM_SMOKE=1`` (from a clean slate, not
+    its saved outputs); fail on any error output. Returns (all text output, number of images)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    # nbclient starts the kernel with os.environ: the kernel sees these
+    monkeypatch.setenv("PYRO_LLM_SMOKE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+    text, images = [], 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", f"{out.get('ename')}: {out.get('evalue')}"
+            if out["output_type"] == "stream":
+                text.append(out["text"])
+            data = out.get("data", {})
+            text.append(data.get("text/plain", ""))
+            images += "image/png" in data
+    return "\n".join(text), images
