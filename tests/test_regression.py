@@ -83,6 +83,21 @@ def test_enumerated_log_joint_equals_the_hand_sum_over_z(measurement):
         terms = [log_pz[k] + _hand_log_meas(measurement, F, m, params, i, k) for k in range(2)]
         total += terms[int(z[i])] if labelled[i] else np.logaddexp(*terms)
     assert float(-loss) == pytest.approx(total, rel=1e-10, abs=1e-9)
+    # the batched log joint used for importance weights is the same density, also over draws
+    post = completion.CompletionPosterior(torch.zeros(1), torch.eye(1), completion.site_shapes(
+        3, 2, measurement, dim), measurement, 2, 0.0)
+    m_in = m.double() if measurement == "score" else m
+    assert float(post.log_joint(F, m_in, z, labelled, params)) == pytest.approx(total, rel=1e-10)
+    two = {k: torch.stack([v, v]) for k, v in params.items()}
+    assert torch.allclose(post.log_joint(F, m_in, z, labelled, two), torch.tensor(total).double())
+
+
+def test_importance_resampled_draws_report_their_effective_sample_size():
+    df, s, _ = b1_frame(seed=0, N=3000, n=300)
+    res = regress(df, "y ~ z + q", label="z", predictions=s, method="joint", measurement="score",
+                  importance=True, num_draws=200)
+    assert 1 <= res.info["importance_ess"] <= 200
+    assert abs(res["z"]["median"] - 1.0) < 4 * res["z"]["sd"]
 
 
 @pytest.mark.parametrize("measurement", ["label", "ordinal"])

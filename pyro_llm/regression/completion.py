@@ -209,7 +209,8 @@ class CompletionPosterior:
     def log_joint(self, F, m, z, labelled, params: dict) -> torch.Tensor:
         """``log p(params, data)`` with z summed out where unlabelled, batched over leading draw
         axes: the density :func:`completion_model` (or :func:`continuous_model`) defines."""
-        lp = sum(dist.Normal(0.0, site_prior_scale(n, self.prior_scale)).log_prob(v)
+        lp = sum(dist.Normal(torch.zeros((), dtype=v.dtype), site_prior_scale(n, self.prior_scale))
+                 .log_prob(v)
                  .reshape(v.shape[:len(v.shape) - len(self.shapes[n])] + (-1,)).sum(-1)
                  for n, v in params.items())
         if self.measurement == "continuous":
