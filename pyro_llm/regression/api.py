@@ -182,8 +182,8 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
         (multiple imputation from the LLM's posterior predictive draws, assuming they are
         calibrated and the LLM's errors independent of the rest),
         ``"joint_dr"`` (doubly robust: the completion model's expected z for every row as the
-        prediction of PPI++ / predict-then-debias, so the estimate stays valid when the completion
-        model is wrong and the labelled rows are a random sample).
+        prediction of PPI++ / predict-then-debias, meant to stay valid when the completion model is
+        wrong; it under-covered in one variant of the coverage benchmark, see the README).
     family:
         ``"gaussian"`` (least squares) or ``"binomial"`` (logistic) for the target regression.
     measurement, bins:
