@@ -411,6 +411,8 @@ def test_fit_joint_lora_runs_on_a_peft_model_and_returns_coefficient_draws():
     assert abs(res["z"]["mean"] - 1.0) < 4 * res["z"]["sd"] + 0.1
     with pytest.raises(ValueError, match="inputs has 10 rows"):
         fit_joint_lora(df, "y ~ z + q", label="z", lora=lora, inputs=xt[:10])
+    with pytest.raises(TypeError, match="must be a pyro_llm.BayesianLoRA"):
+        fit_joint_lora(df, "y ~ z + q", label="z", lora=pm, inputs=xt)
 
 
 def test_joint_dr_debiases_the_completion_models_predictions():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import torch
 
 from . import estimators as est
 from .design import Design, build_design
-from .joint import completion_expectations, joint_draws, weighted_fit
+from .joint import completion_expectations, joint_draws
 from .result import RegressionResult
 
 __all__ = ["METHODS", "LLMOutputs", "llm_outputs", "regress"]
@@ -19,6 +20,7 @@ __all__ = ["METHODS", "LLMOutputs", "llm_outputs", "regress"]
 METHODS = ("joint", "joint_dr", "naive", "labelled_only", "ptd", "mi")
 
 
+@dataclass(frozen=True)
 class LLMOutputs:
     """The LLM's output for every row, in the forms the estimators use.
 
@@ -27,8 +29,9 @@ class LLMOutputs:
     probabilities, or None.
     """
 
-    def __init__(self, labels: np.ndarray, scores: np.ndarray | None, draws: np.ndarray | None):
-        self.labels, self.scores, self.draws = labels, scores, draws
+    labels: np.ndarray
+    scores: np.ndarray | None
+    draws: np.ndarray | None
 
 
 def _continuous_outputs(arr: np.ndarray, n: int) -> LLMOutputs:
@@ -104,8 +107,8 @@ def _measurement(out: LLMOutputs, design: Design, measurement: str | None, bins:
                          "not coded labels")
     if measurement == "score":
         return torch.as_tensor(out.scores), measurement, None
-    if measurement not in ("ordinal", "bins"):
-        raise ValueError(f"measurement must be 'ordinal', 'bins', 'label' or 'score', got {measurement!r}")
+    if measurement != "ordinal":
+        raise ValueError(f"measurement must be 'ordinal', 'label' or 'score', got {measurement!r}")
     if design.num_classes != 2:
         raise ValueError("measurement='ordinal' bins a binary label's log-odds; use 'label' or 'score' "
                          f"for the {design.num_classes} classes of {design.label!r}")
@@ -116,15 +119,16 @@ def _measurement(out: LLMOutputs, design: Design, measurement: str | None, bins:
     return torch.as_tensor(np.searchsorted(edges, score, side="right")), measurement, len(edges) + 1
 
 
-def _frequentist(design: Design, zhat: np.ndarray, method: str, family: str, coord=None) -> est.Estimate:
+def _frequentist(design: Design, Xh: np.ndarray, yh: np.ndarray, method: str, family: str,
+                 coord=None) -> est.Estimate:
+    """A baseline from the gold labelled rows and the predicted design ``Xh`` / response ``yh``."""
     lab = design.labelled
-    X_gold, y_gold = design.X(np.where(lab, design.z, 0)), design.response(np.where(lab, design.z, 0))
-    Xh, yh = design.X(zhat), design.response(zhat)
+    X_gold, y_gold = design.gold()
     if method == "labelled_only":
-        return est.labelled_only(X_gold[lab], y_gold[lab], family=family)
+        return est.labelled_only(X_gold, y_gold, family=family)
     if method == "naive":
-        return est.naive(X_gold[lab], y_gold[lab], Xh[lab], yh[lab], Xh[~lab], yh[~lab], family=family)
-    return est.ptd(X_gold[lab], y_gold[lab], Xh[lab], yh[lab], Xh[~lab], yh[~lab], family=family, coord=coord)
+        return est.naive(X_gold, y_gold, Xh[lab], yh[lab], Xh[~lab], yh[~lab], family=family)
+    return est.ptd(X_gold, y_gold, Xh[lab], yh[lab], Xh[~lab], yh[~lab], family=family, coord=coord)
 
 
 def _multiple_imputation(design: Design, draws: np.ndarray, family: str, seed: int):
@@ -133,7 +137,7 @@ def _multiple_imputation(design: Design, draws: np.ndarray, family: str, seed: i
     unl = ~design.labelled
     coefs, within = [], []
     for probs in draws:
-        z = np.where(design.labelled, design.z, 0)
+        z = design.z_filled.copy()
         if design.kind == "continuous":   # a draw of the LLM's predicted value
             z[unl] = probs[unl]
         else:
@@ -236,11 +240,7 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
     if method == "joint_dr":
         m, measurement, dim = _measurement(out, design, measurement, bins)
         Xh, yh = completion_expectations(design, m, measurement=measurement, dim=dim)
-        lab = design.labelled
-        zg = np.where(lab, design.z, 0)
-        X_gold, y_gold = design.X(zg), design.response(zg)
-        fit = est.ptd(X_gold[lab], y_gold[lab], Xh[lab], yh[lab], Xh[~lab], yh[~lab], family=family,
-                      coord=coord)
+        fit = _frequentist(design, Xh, yh, "ptd", family, coord)
         info.update(fit.extra, measurement=measurement)
         return RegressionResult("joint_dr", design.coef_names, fit.coef, fit.cov, level, None, info)
     if method == "mi":
@@ -248,9 +248,7 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
             raise ValueError("method='mi' needs posterior predictive draws: predictions of shape (S, N, K)")
         coef, cov = _multiple_imputation(design, out.draws, family, seed)
         return RegressionResult("mi", design.coef_names, coef, cov, level, None, info)
-    fit = _frequentist(design, out.labels, method, family, coord)
+    fit = _frequentist(design, design.X(out.labels), design.response(out.labels), method, family, coord)
     info.update(fit.extra)
     return RegressionResult(method, design.coef_names, fit.coef, fit.cov, level, None, info)
 
-
-__all__ += ["weighted_fit"]

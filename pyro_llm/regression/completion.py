@@ -34,10 +34,10 @@ from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 from pyro.ops.indexing import Vindex
 
-__all__ = ["CompletionPosterior", "MEASUREMENTS", "completion_model", "continuous_model", "fit_completion",
-           "measurement_log_prob"]
+__all__ = ["CompletionPosterior", "MEASUREMENTS", "as_measurement", "completion_model", "continuous_model",
+           "fit_completion", "measurement_log_prob"]
 
-MEASUREMENTS = ("label", "bins", "ordinal", "score", "continuous")
+MEASUREMENTS = ("label", "ordinal", "score", "continuous")
 
 
 def _pad0(x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +51,8 @@ def site_shapes(num_features: int, num_classes: int, measurement: str, dim: int)
     if measurement == "continuous":
         return {"z_coef": (f,), "z_log_scale": (), "m_coef": (f,), "m_slope": (), "m_log_scale": ()}
     shapes = {"z_coef": (f, k - 1)}
-    if measurement in ("label", "bins"):
-        shapes["m_coef"] = (k, f, (dim if measurement == "bins" else k) - 1)
+    if measurement == "label":
+        shapes["m_coef"] = (k, f, k - 1)
     elif measurement == "ordinal":              # binormal: class 0 fixes location and scale
         shapes["m_cut"] = (dim - 1,)
         shapes["m_shift"] = (k - 1,)
@@ -97,7 +97,7 @@ def measurement_log_prob(F: torch.Tensor, m: torch.Tensor, params: dict, measure
     take any shape. ``score``: Gaussian log-odds with mean linear in F.
     """
     coef = params["m_coef"]
-    if measurement in ("label", "bins"):
+    if measurement == "label":
         logits = _pad0(torch.einsum("nf,...kfd->...nkd", F, coef))
         return dist.Categorical(logits=logits).log_prob(m.unsqueeze(-1))
     if measurement == "ordinal":
@@ -172,9 +172,19 @@ def continuous_model(F, m, z, labelled, *, prior_scale: float = 5.0, **_):
 def _dim(m: torch.Tensor, measurement: str, dim: int | None) -> int:
     if measurement == "score":
         return m.shape[-1]
-    if measurement in ("ordinal", "bins"):
+    if measurement == "ordinal":
         return dim if dim is not None else int(m.max()) + 1
     return 1
+
+
+def as_measurement(m: torch.Tensor, measurement: str) -> torch.Tensor:
+    """The measurement tensor in the form the model reads: (N, d) float64 scores, (N,) float64
+    continuous values, or (N,) int64 labels / bins."""
+    if measurement not in MEASUREMENTS:
+        raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
+    if measurement == "score":
+        return m.double().reshape(len(m), -1)
+    return m.double() if measurement == "continuous" else m.long()
 
 
 @dataclass(frozen=True)
@@ -280,14 +290,10 @@ def fit_completion(F, m, z, labelled, *, num_classes: int, measurement: str = "o
                    dim: int | None = None, prior_scale: float = 5.0,
                    max_iter: int = 200) -> CompletionPosterior:
     """Posterior mode by L-BFGS and a Laplace approximation around it (float64 throughout)."""
-    if measurement not in MEASUREMENTS:
-        raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
     continuous = measurement == "continuous"
-    F, m = F.double(), (m.double() if measurement in ("score", "continuous") else m.long())
+    F, m = F.double(), as_measurement(m, measurement)
     if continuous:
         z = z.double()
-    if measurement == "score" and m.dim() == 1:
-        m = m.unsqueeze(-1)
     dim = 1 if continuous else _dim(m, measurement, dim)
     shapes = site_shapes(F.shape[1], num_classes, measurement, dim)
     post = CompletionPosterior(torch.empty(0), torch.empty(0), shapes, measurement, num_classes, 0.0)

@@ -48,6 +48,16 @@ class Design:
         rows = np.arange(self.X_by_class.shape[1])
         return self.X_by_class[z, rows]
 
+    @property
+    def z_filled(self) -> np.ndarray:
+        """The gold value where labelled, class 0 (or 0.0) elsewhere: a valid index everywhere."""
+        return np.where(self.labelled, self.z, 0)
+
+    def gold(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labelled rows' design and response with their gold values."""
+        z = self.z_filled
+        return self.X(z)[self.labelled], self.response(z)[self.labelled]
+
     def response(self, z: np.ndarray) -> np.ndarray:
         if self.role == "covariate":
             return np.broadcast_to(self.y, z.shape)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .completion import fit_completion
+from .completion import as_measurement, fit_completion
 from .design import Design
 
 __all__ = ["completion_expectations", "joint_draws", "weighted_fit"]
@@ -101,7 +101,7 @@ def joint_draws(design: Design, m: torch.Tensor, *, measurement: str = "ordinal"
     rng = np.random.default_rng(seed)
     F = torch.as_tensor(design.F, dtype=torch.float64)
     labelled = torch.tensor(design.labelled)
-    z = np.where(design.labelled, design.z, 0)
+    z = design.z_filled
     continuous = design.kind == "continuous"
     if continuous:  # fit on standardised z and m; impute on the original scale
         mu, sd = z[design.labelled].mean(), z[design.labelled].std()
@@ -111,8 +111,7 @@ def joint_draws(design: Design, m: torch.Tensor, *, measurement: str = "ordinal"
     z = torch.tensor(z)
     post = fit_completion(F, m, z, labelled, num_classes=design.num_classes, measurement=measurement,
                           dim=dim, prior_scale=prior_scale)
-    m = m.double().reshape(len(z), -1) if measurement == "score" else m
-    m = m.long() if measurement in ("label", "bins", "ordinal") else m
+    m = as_measurement(m, measurement)
     if importance:
         flat, ess = _posterior_draws(post, F, m, z, labelled, num_draws, gen, chunk)
     else:
@@ -123,7 +122,7 @@ def joint_draws(design: Design, m: torch.Tensor, *, measurement: str = "ordinal"
         params = post.unpack(flat[start:start + chunk])
         size = len(flat[start:start + chunk])
         imputed = post.impute(F[unl], m[unl], params, generator=gen).numpy()    # (s, n_unl)
-        zs = np.broadcast_to(np.where(design.labelled, design.z, 0), (size, len(design.z))).copy()
+        zs = np.broadcast_to(design.z_filled, (size, len(design.z))).copy()
         zs[:, unl] = imputed * sd + mu if continuous else imputed
         w = rng.exponential(size=zs.shape)
         w *= zs.shape[1] / w.sum(1, keepdims=True)
@@ -139,10 +138,10 @@ def completion_expectations(design: Design, m: torch.Tensor, *, measurement: str
     if design.kind == "continuous":
         raise ValueError("method='joint_dr' is implemented for a categorical label; use 'joint' or 'ptd'")
     F = torch.as_tensor(design.F, dtype=torch.float64)
-    z = torch.tensor(np.where(design.labelled, design.z, 0))
+    z = torch.tensor(design.z_filled)
     post = fit_completion(F, m, z, torch.tensor(design.labelled), num_classes=design.num_classes,
                           measurement=measurement, dim=dim, prior_scale=prior_scale)
-    m = m.double().reshape(len(z), -1) if measurement == "score" else m.long()
+    m = as_measurement(m, measurement)
     probs = post.class_log_probs(F, m, post.unpack(post.mode)).exp().numpy()       # (N, K)
     Xh = np.einsum("nk,knp->np", probs, design.X_by_class)
     yh = design.y if design.role == "covariate" else probs @ design.class_values

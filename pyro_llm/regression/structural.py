@@ -64,13 +64,16 @@ def fit_joint_lora(df, formula: str, *, label: str, lora, inputs, steps: int = 5
     """Fit the fully joint model; ``lora`` is a :class:`~pyro_llm.BayesianLoRA` (started at its
     fine-tuned adapter) whose call ``lora(inputs[rows])`` gives (B, K) class logits, and
     ``inputs`` a tensor with one row per DataFrame row. Full batch unless ``batch_size``."""
+    if not callable(getattr(lora, "init_values", None)):
+        raise TypeError(f"lora must be a pyro_llm.BayesianLoRA, got {type(lora).__name__}; wrap the peft "
+                        "model first: BayesianLoRA(peft_model, prior=0.1, select='B')")
     design = build_design(df, formula, label=label, role="covariate")
     N = len(design.z)
     if len(inputs) != N:
         raise ValueError(f"inputs has {len(inputs)} rows but the DataFrame has {N}")
     Xk = torch.as_tensor(design.X_by_class, dtype=torch.float32)
     y = torch.tensor(design.y, dtype=torch.float32)
-    z = torch.tensor(np.where(design.labelled, design.z, 0))
+    z = torch.tensor(design.z_filled)
     lab = torch.tensor(design.labelled)
     g = torch.Generator().manual_seed(seed)
     bs = batch_size or N
@@ -95,10 +98,10 @@ def fit_joint_lora(df, formula: str, *, label: str, lora, inputs, steps: int = 5
 
     init = dict(lora.init_values())
     # start the regression at ordinary least squares on the labelled rows
-    X_lab = design.X(np.where(design.labelled, design.z, 0))[design.labelled]
-    beta = np.linalg.lstsq(X_lab, design.y[design.labelled], rcond=None)[0]
+    X_lab, y_lab = design.gold()
+    beta = np.linalg.lstsq(X_lab, y_lab, rcond=None)[0]
     init["coef"] = torch.as_tensor(beta, dtype=torch.float32)
-    init["sigma"] = torch.tensor(float(np.std(design.y[design.labelled] - X_lab @ beta)))
+    init["sigma"] = torch.tensor(float(np.std(y_lab - X_lab @ beta)))
     epochs = -(-steps // len(Epochs()))
     fit = fit_svi(model, "normal", Epochs(), epochs=epochs, max_steps=steps, lr=scale_lr(lr, scale_lr_value),
                   init_values=init, init_scale=1e-2, progress=progress, seed=seed,
