@@ -9,7 +9,17 @@ covariate or outcome of a regression with honest intervals (:mod:`pyro_llm.regre
 
 from . import data, features, likelihoods, metrics, models, plots, priors, regression
 from .arviz_io import to_arviz
-from .infer import EarlyStopping, FitResult, fit_map, fit_svi, make_guide, scale_lr
+from .infer import (
+    EarlyStopping,
+    FitResult,
+    LaplacePosterior,
+    fit_laplace,
+    fit_map,
+    fit_svi,
+    load_laplace,
+    make_guide,
+    scale_lr,
+)
 from .lora import BayesianLoRA, find_lora_parameters
 from .posterior import GuidePosterior, Posterior, predict_probs, stack_draws
 from .regression import RegressionResult, regress
@@ -20,14 +30,17 @@ __all__ = [
     "BayesianLoRA",
     "EarlyStopping",
     "FitResult",
+    "LaplacePosterior",
     "GuidePosterior",
     "Posterior",
     "data",
     "features",
     "find_lora_parameters",
+    "fit_laplace",
     "fit_map",
     "fit_svi",
     "likelihoods",
+    "load_laplace",
     "make_guide",
     "metrics",
     "models",

@@ -1,0 +1,220 @@
+"""Curvature blocks of a Laplace posterior: Kronecker-factored, diagonal, dense.
+
+A block holds the curvature ``H`` (Fisher / GGN / empirical Fisher) of one or more sites;
+with a prior precision ``delta`` per site the posterior precision is ``H + delta I``. Every
+block answers the same five questions, so the posterior code never asks which kind it has:
+
+* ``logdet(delta)`` -- log det of the posterior precision;
+* ``sample(delta, n, generator)`` -- ``n`` draws of the deviation from the MAP, per site;
+* ``variance(J, delta)`` -- ``J Sigma J^T`` for Jacobians ``J`` (the linearised predictive);
+* ``mahalanobis(x, delta)`` -- ``x^T (H + delta) x`` (the log density);
+* ``tensors()`` / ``from_tensors`` -- save and load with safetensors.
+
+A weight matrix ``W`` (out x in) is vectorised row-major, so its KFAC block is ``G (x) A``
+with ``G`` (out x out) the output-gradient factor and ``A`` (in x in) the input factor. A
+:class:`Factor` is either the exact running sum of outer products or, for a large
+dimension, a rank-``k`` square root updated batch by batch (no d x d matrix is formed):
+the low-rank KFAC of Laplace-LoRA. Eigenvalues outside a low-rank factor's span are zero,
+so there the posterior precision is the prior's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["Factor", "KronBlock", "DiagBlock", "FullBlock", "BLOCKS"]
+
+DTYPE = torch.float64
+
+
+class Factor:
+    """Running ``sum_rows r r^T`` of ``(m, dim)`` rows: exact, or a rank-``rank`` square root."""
+
+    def __init__(self, dim: int, rank: int | None = None):
+        self.dim = int(dim)
+        self.rank = int(rank) if rank is not None and rank < dim else None
+        if self.rank is None:
+            self.S = torch.zeros(dim, dim, dtype=DTYPE)
+        else:
+            self.U = torch.zeros(dim, 0, dtype=DTYPE)
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().reshape(-1, self.dim).to(DTYPE).cpu()
+        if self.rank is None:
+            self.S.addmm_(rows.T, rows)
+            return
+        U = torch.cat([self.U, rows.T], 1)
+        if U.shape[1] > self.rank:  # U U^T keeps its top-rank part: Q s^2 Q^T
+            Q, s, _ = torch.linalg.svd(U, full_matrices=False)
+            U = Q[:, : self.rank] * s[: self.rank]
+        self.U = U
+
+    def eig(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvectors ``(dim, k)`` and eigenvalues ``(k,)`` of ``scale * sum r r^T``."""
+        if self.rank is None:
+            lam, Q = torch.linalg.eigh(self.S * scale)
+            return Q, lam.clamp_min(0.0)
+        Q, s, _ = torch.linalg.svd(self.U, full_matrices=False)
+        return Q, s.square() * scale
+
+
+def _as_delta(delta, n: int) -> torch.Tensor:
+    d = torch.as_tensor(delta, dtype=DTYPE).reshape(-1)
+    return d.expand(n) if d.numel() == 1 else d
+
+
+class KronBlock:
+    """One weight matrix (out x in) with curvature ``G (x) A`` in eigenbases ``QG``, ``QA``."""
+
+    kind = "kron"
+
+    def __init__(self, site: int, shape, QG, lG, QA, lA):
+        self.sites, self.shape = [site], tuple(shape)
+        self.QG, self.lG, self.QA, self.lA = (t.to(DTYPE) for t in (QG, lG, QA, lA))
+        self.E = torch.outer(self.lG, self.lA)
+        self.lowrank = self.E.numel() < math.prod(self.shape)
+
+    def dense(self) -> torch.Tensor:
+        """The curvature as a dense (D x D) matrix, for checks on small sites."""
+        G = self.QG @ torch.diag(self.lG) @ self.QG.T
+        A = self.QA @ torch.diag(self.lA) @ self.QA.T
+        return torch.kron(G, A)
+
+    def _t(self, x: torch.Tensor) -> torch.Tensor:
+        return self.QG.T @ x.to(DTYPE) @ self.QA
+
+    def logdet(self, delta) -> torch.Tensor:
+        d = _as_delta(delta, 1)[0]
+        rest = math.prod(self.shape) - self.E.numel()
+        return torch.log(self.E + d).sum() + rest * torch.log(d)
+
+    def sample(self, delta, n: int, generator=None) -> list[torch.Tensor]:
+        d = _as_delta(delta, 1)[0]
+        e1 = torch.randn((n, *self.E.shape), dtype=DTYPE, generator=generator)
+        x = self.QG @ (e1 / (self.E + d).sqrt()) @ self.QA.T
+        if self.lowrank:  # the complement of the factors' span has the prior's precision
+            e2 = torch.randn((n, *self.shape), dtype=DTYPE, generator=generator)
+            x = x + (e2 - self.QG @ self._t(e2) @ self.QA.T) / d.sqrt()
+        return [x]
+
+    def variance(self, J: list[torch.Tensor], delta) -> torch.Tensor:
+        d = _as_delta(delta, 1)[0]
+        J0 = J[0].to(DTYPE)
+        t = self._t(J0)
+        out = torch.einsum("bcij,bdij->bcd", t / (self.E + d), t)
+        if self.lowrank:
+            out = out + (torch.einsum("bcij,bdij->bcd", J0, J0) - torch.einsum("bcij,bdij->bcd", t, t)) / d
+        return out
+
+    def mahalanobis(self, x: list[torch.Tensor], delta) -> torch.Tensor:
+        d = _as_delta(delta, 1)[0]
+        x0 = x[0].to(DTYPE)
+        t = self._t(x0)
+        out = (t.square() * (self.E + d)).sum((-2, -1))
+        if self.lowrank:
+            out = out + d * (x0.square().sum((-2, -1)) - t.square().sum((-2, -1)))
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"QG": self.QG, "lG": self.lG, "QA": self.QA, "lA": self.lA}
+
+    @classmethod
+    def from_tensors(cls, sites, shapes, t):
+        return cls(sites[0], shapes[0], t["QG"], t["lG"], t["QA"], t["lA"])
+
+
+class DiagBlock:
+    """One site with a diagonal curvature of the site's shape."""
+
+    kind = "diag"
+
+    def __init__(self, site: int, shape, diag: torch.Tensor):
+        self.sites, self.shape = [site], tuple(shape)
+        self.diag = diag.to(DTYPE).reshape(self.shape)
+
+    def dense(self) -> torch.Tensor:
+        return torch.diag(self.diag.reshape(-1))
+
+    def logdet(self, delta) -> torch.Tensor:
+        return torch.log(self.diag + _as_delta(delta, 1)[0]).sum()
+
+    def sample(self, delta, n: int, generator=None) -> list[torch.Tensor]:
+        e = torch.randn((n, *self.shape), dtype=DTYPE, generator=generator)
+        return [e / (self.diag + _as_delta(delta, 1)[0]).sqrt()]
+
+    def variance(self, J: list[torch.Tensor], delta) -> torch.Tensor:
+        J0 = J[0].to(DTYPE).flatten(2)
+        return torch.einsum("bcp,bdp->bcd", J0 / (self.diag.reshape(-1) + _as_delta(delta, 1)[0]), J0)
+
+    def mahalanobis(self, x: list[torch.Tensor], delta) -> torch.Tensor:
+        x0 = x[0].to(DTYPE).flatten(x[0].dim() - len(self.shape))
+        return (x0.square() * (self.diag.reshape(-1) + _as_delta(delta, 1)[0])).sum(-1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"diag": self.diag}
+
+    @classmethod
+    def from_tensors(cls, sites, shapes, t):
+        return cls(sites[0], shapes[0], t["diag"])
+
+
+class FullBlock:
+    """Several sites with one dense curvature over their concatenation (e.g. the last layer)."""
+
+    kind = "full"
+
+    def __init__(self, sites: list[int], shapes: list[tuple], H: torch.Tensor):
+        self.sites, self.shapes = list(sites), [tuple(s) for s in shapes]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.H = H.to(DTYPE)
+        self._chol_key, self._chol = None, None
+
+    def dense(self) -> torch.Tensor:
+        return self.H
+
+    def _L(self, delta) -> torch.Tensor:
+        d = _as_delta(delta, len(self.sites))
+        key = tuple(d.tolist())
+        if self._chol_key != key or d.requires_grad:
+            dv = torch.cat([di.expand(n) for di, n in zip(d, self.sizes, strict=True)])
+            L = torch.linalg.cholesky(self.H + torch.diag(dv))
+            if d.requires_grad:
+                return L
+            self._chol_key, self._chol = key, L
+        return self._chol
+
+    def logdet(self, delta) -> torch.Tensor:
+        return 2 * torch.log(torch.diagonal(self._L(delta))).sum()
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        parts = flat.split(self.sizes, dim=-1)
+        return [p.reshape(*flat.shape[:-1], *s) for p, s in zip(parts, self.shapes, strict=True)]
+
+    def sample(self, delta, n: int, generator=None) -> list[torch.Tensor]:
+        e = torch.randn((sum(self.sizes), n), dtype=DTYPE, generator=generator)
+        x = torch.linalg.solve_triangular(self._L(delta).T, e, upper=True)  # L^-T e
+        return self._split(x.T)
+
+    def variance(self, J: list[torch.Tensor], delta) -> torch.Tensor:
+        Jf = torch.cat([j.to(DTYPE).flatten(2) for j in J], -1)  # (B, C, P)
+        B, C, P = Jf.shape
+        sol = torch.cholesky_solve(Jf.reshape(-1, P).T, self._L(delta)).T.reshape(B, C, P)
+        return torch.einsum("bcp,bdp->bcd", sol, Jf)
+
+    def mahalanobis(self, x: list[torch.Tensor], delta) -> torch.Tensor:
+        flat = [xi.to(DTYPE).flatten(xi.dim() - len(s)) for xi, s in zip(x, self.shapes, strict=True)]
+        xf = torch.cat(flat, -1)
+        Lt = self._L(delta).T
+        return (xf @ Lt.T).square().sum(-1) if xf.dim() > 1 else (Lt @ xf).square().sum()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"H": self.H}
+
+    @classmethod
+    def from_tensors(cls, sites, shapes, t):
+        return cls(sites, shapes, t["H"])
+
+
+BLOCKS = {b.kind: b for b in (KronBlock, DiagBlock, FullBlock)}

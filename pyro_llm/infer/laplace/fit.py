@@ -1,0 +1,256 @@
+"""``fit_laplace``: a post-hoc Laplace posterior over the LoRA weights of a MAP-fine-tuned model.
+
+One pass over the training data (streamed, with a progress bar) collects the curvature of
+the log-likelihood at the fine-tuned weights, per site, in the requested structure; the
+prior precision is then chosen by the Laplace marginal likelihood (no validation set).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ...lora import BayesianLoRA, find_lora_parameters
+from .blocks import DiagBlock, Factor, FullBlock, KronBlock
+from .capture import CURVATURES, check_logits, curvature_vectors, default_labels, default_logits, tapped
+from .posterior import LaplacePosterior
+
+__all__ = ["fit_laplace", "last_layer_names", "estimate_memory", "STRUCTURES"]
+
+STRUCTURES = ("kfac", "lowrank_kfac", "diag", "full")
+
+
+def last_layer_names(peft_model: torch.nn.Module) -> list[str]:
+    """The last layer's trainable tensors: a ``modules_to_save`` head's weight and bias if the model
+    has one (a sequence classifier), else the last LoRA layer's A and B (e.g. a causal LM's last
+    adapted projection). The sites of the last-layer Laplace (LLLA)."""
+    params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    head = [n for n, _ in params if ".modules_to_save." in n]
+    if head:
+        last_mod = head[-1].rpartition(".")[0]
+        return [n for n in head if n.rpartition(".")[0] == last_mod]
+    return find_lora_parameters(peft_model)[-2:]
+
+
+def _fmt(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if b < 1024 or unit == "TiB":
+            return f"{b:.1f} {unit}"
+        b /= 1024
+    return ""
+
+
+def estimate_memory(shapes: list[tuple], structure: str, n_kfac: int = 10, batch_rows: int = 0) -> int:
+    """Bytes the curvature of ``structure`` keeps for sites of these shapes (float64, with the
+    eigendecompositions); ``batch_rows`` adds the low-rank update's working copy."""
+    if structure == "full":
+        p = sum(math.prod(s) for s in shapes)
+        return 3 * 8 * p * p
+    total = 0
+    for s in shapes:
+        if structure == "diag" or len(s) != 2:
+            total += 2 * 8 * math.prod(s)
+            continue
+        for d in s:  # the output factor (out x out) and the input factor (in x in)
+            if structure == "lowrank_kfac" and d > n_kfac:
+                total += 8 * d * (2 * n_kfac + batch_rows)
+            else:
+                total += 2 * 8 * d * d
+    return total
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(shapes, structure, n_kfac, max_memory) -> int:
+    need = estimate_memory(shapes, structure, n_kfac)
+    limit = max_memory if max_memory is not None else _available_memory()
+    if limit is not None and max_memory is None:
+        limit = limit // 2
+    if limit is not None and need > limit:
+        alt = {s: _fmt(estimate_memory(shapes, s, n_kfac)) for s in ("lowrank_kfac", "diag")}
+        raise MemoryError(
+            f"structure={structure!r} needs about {_fmt(need)} for the curvature of {len(shapes)} sites "
+            f"(largest {max(shapes, key=math.prod)}), more than the limit of {_fmt(limit)}; use "
+            f"structure='lowrank_kfac' (n_kfac={n_kfac}: about {alt['lowrank_kfac']}) or 'diag' "
+            f"(about {alt['diag']}), or raise max_memory=")
+    return need
+
+
+def _as_lora(model, select) -> BayesianLoRA:
+    if isinstance(model, BayesianLoRA):
+        return model
+    if isinstance(select, str) and select == "last_layer":
+        select = last_layer_names(model)
+    return BayesianLoRA(model, select=select)
+
+
+def _validate(structure, curvature, kfac_approx, n_kfac, names, shapes):
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; choose one of {STRUCTURES}")
+    if curvature not in CURVATURES:
+        raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
+    if kfac_approx not in ("expand", "reduce"):
+        raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
+    if structure == "lowrank_kfac" and (not isinstance(n_kfac, int) or n_kfac < 1):
+        raise ValueError(f"n_kfac must be a positive int, got {n_kfac!r}")
+    if structure in ("kfac", "lowrank_kfac"):
+        bad = [n for n, s in zip(names, shapes, strict=True) if len(s) != 2]
+        if bad:
+            raise ValueError(f"KFAC covers weight matrices; {bad[0]!r} has shape "
+                             f"{shapes[names.index(bad[0])]}: use structure='diag' or 'full' for biases")
+
+
+class _Accumulator:
+    """Sums the per-batch statistics of one structure; ``blocks(n)`` turns them into blocks."""
+
+    def __init__(self, names, shapes, structure, n_kfac, kfac_approx):
+        self.names, self.shapes, self.structure = names, shapes, structure
+        self.approx = kfac_approx
+        rank = n_kfac if structure == "lowrank_kfac" else None
+        if structure in ("kfac", "lowrank_kfac"):
+            self.G = [Factor(s[0], rank) for s in shapes]
+            self.A = [Factor(s[1], rank) for s in shapes]
+        elif structure == "diag":
+            self.D = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+        else:
+            P = sum(math.prod(s) for s in shapes)
+            self.H = torch.zeros(P, P, dtype=torch.float64)
+
+    def add_inputs(self, tap) -> None:
+        if not hasattr(self, "A"):
+            return
+        for i, n in enumerate(self.names):
+            a = tap.inputs[tap.owner[n][0]]
+            a = a.reshape(a.shape[0], -1, a.shape[-1])
+            rows = a / a.shape[1] ** 0.5 if self.approx == "expand" else a.mean(1)
+            self.A[i].add(rows)
+
+    def add_grads(self, tap, g) -> None:
+        for i, n in enumerate(self.names):
+            if hasattr(self, "G"):
+                go = g[tap.owner[n][0]]
+                go = go.reshape(go.shape[0], -1, go.shape[-1])
+                self.G[i].add(go if self.approx == "expand" else go.sum(1))
+            elif hasattr(self, "D"):
+                self.D[i] += tap.per_example(n, g).double().square().sum(0).cpu()
+        if hasattr(self, "H"):
+            J = torch.cat([tap.per_example(n, g).double().flatten(1) for n in self.names], 1).cpu()
+            self.H.addmm_(J.T, J)
+
+    def blocks(self, n: int) -> list:
+        if self.structure == "full":
+            return [FullBlock(list(range(len(self.names))), self.shapes, self.H)]
+        if self.structure == "diag":
+            return [DiagBlock(i, s, d) for i, (s, d) in enumerate(zip(self.shapes, self.D, strict=True))]
+        out = []
+        for i, s in enumerate(self.shapes):
+            QG, lG = self.G[i].eig()
+            QA, lA = self.A[i].eig(1.0 / n)  # A is the mean input outer product, G the sum
+            out.append(KronBlock(i, s, QG, lG, QA, lA))
+        return out
+
+
+def fit_laplace(
+    model,
+    data: Iterable,
+    *,
+    structure: str = "kfac",
+    curvature: str = "fisher",
+    select="AB",
+    n_kfac: int = 10,
+    kfac_approx: str = "expand",
+    mc_samples: int = 1,
+    prior_precision: float = 1.0,
+    optimize_prior: str | None = "marglik",
+    per_site: bool = False,
+    logits_fn: Callable | None = None,
+    labels_fn: Callable | None = None,
+    max_memory: int | None = None,
+    progress: bool = True,
+    seed: int | None = 0,
+) -> LaplacePosterior:
+    """Post-hoc Laplace over the LoRA weights of a fine-tuned peft model (Laplace-LoRA).
+
+    Parameters
+    ----------
+    model:
+        A :class:`~pyro_llm.BayesianLoRA` (its random sites are the Laplace sites) or a peft
+        model (wrapped with ``select``; ``select="last_layer"`` gives the LLLA sites, see
+        :func:`last_layer_names`). The peft model's current weights are the MAP.
+    data:
+        The training data, re-iterable batches (a ``DataLoader``); one pass, streamed.
+    structure:
+        ``"kfac"`` (Kronecker factors per matrix, A and B of each adapter as two layers),
+        ``"lowrank_kfac"`` (factors larger than ``n_kfac`` kept at rank ``n_kfac``, updated batch by
+        batch), ``"diag"``, or ``"full"`` (dense over all sites: for the last layer).
+    curvature:
+        ``"fisher"`` (sampled labels, ``mc_samples`` per example; the default, as Laplace-LoRA),
+        ``"empirical"`` (true labels) or ``"ggn"`` (exact GGN, C backward passes per batch).
+    kfac_approx:
+        How KFAC treats token positions: ``"expand"`` (each position a data point; the input factor
+        averages over positions) or ``"reduce"`` (positions averaged, gradients summed first).
+    prior_precision, optimize_prior, per_site:
+        The Gaussian prior's precision; ``optimize_prior="marglik"`` maximises the Laplace marginal
+        likelihood over it, one value or one per site (``per_site=True``); ``None`` keeps it.
+    logits_fn, labels_fn:
+        ``logits_fn(model, batch) -> (B, C)`` logits and ``labels_fn(batch) -> (B,)`` labels; the
+        defaults read Hugging Face dict batches (``model(**inputs).logits``, ``batch["labels"]``) or
+        ``(x, y)`` tuples.
+    max_memory:
+        Bytes the curvature may take; default half the available memory. A larger estimate raises a
+        ``MemoryError`` naming it, before any data is read.
+
+    Example
+    -------
+    >>> la = fit_laplace(peft_model, train_loader)                      # doctest: +SKIP
+    >>> probs = la.predict(test_loader, pred_type="glm", link="mc")    # (S, N, C)  # doctest: +SKIP
+    """
+    lora = _as_lora(model, select)
+    peft = lora.peft_model
+    names = list(lora.random_names)
+    shapes = [tuple(peft.get_parameter(n).shape) for n in names]
+    _validate(structure, curvature, kfac_approx, n_kfac, names, shapes)
+    _check_memory(shapes, structure, n_kfac, max_memory)
+    logits_fn = logits_fn or default_logits
+    labels_fn = labels_fn or default_labels
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    acc = _Accumulator(names, shapes, structure, n_kfac, kfac_approx)
+    n, loglik = 0, 0.0
+    total = len(data) if hasattr(data, "__len__") else None
+    with tapped(peft, names) as tap:
+        for batch in tqdm(data, total=total, disable=not progress, desc=f"laplace {structure}", leave=False):
+            tap.clear()
+            logits = logits_fn(peft, batch)
+            y = labels_fn(batch)
+            if y is None:
+                raise ValueError("the batches carry no labels; pass labels_fn=lambda batch: ...")
+            y = torch.as_tensor(y, device=logits.device)
+            check_logits(logits, y)
+            tap.check_ran()
+            loglik += float(logits.detach().double().log_softmax(-1).gather(1, y.long()[:, None]).sum())
+            n += logits.shape[0]
+            acc.add_inputs(tap)
+            for v in curvature_vectors(logits, y, curvature, mc_samples, gen):
+                acc.add_grads(tap, tap.output_grads(logits, v))
+    if n == 0:
+        raise ValueError("the data yielded no batch: nothing to fit")
+    map_values = {lora.site_name(nm): peft.get_parameter(nm).detach().clone() for nm in names}
+    meta = dict(structure=structure, curvature=curvature, n_kfac=n_kfac, kfac_approx=kfac_approx,
+                mc_samples=mc_samples)
+    la = LaplacePosterior([lora.site_name(nm) for nm in names], shapes, map_values, acc.blocks(n),
+                          prior_precision, loglik, n, meta, lora=lora)
+    if optimize_prior == "marglik":
+        la.optimize_prior_precision(per_site=per_site)
+    elif optimize_prior is not None:
+        raise ValueError(f"optimize_prior must be 'marglik' or None, got {optimize_prior!r}; for a "
+                         "validation grid use pyro_llm.infer.laplace.gridsearch_prior_precision")
+    return la
