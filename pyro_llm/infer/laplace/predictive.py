@@ -46,9 +46,12 @@ def laplace_bridge(f: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """
     C = f.shape[-1]
     row = var.sum(-1)  # Cov(f, sum f)
-    tot = var.sum((-2, -1)).clamp_min(1e-30)[..., None]
-    f = f - row * f.sum(-1, keepdim=True) / tot
-    var = var - row[..., :, None] * row[..., None, :] / tot[..., None]
+    tot = var.sum((-2, -1))[..., None]
+    trace = torch.diagonal(var, dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    # a Gaussian already on the sum-zero plane (Var(sum f) ~ 0) needs no correction
+    w = torch.where(tot > 1e-12 * trace, 1 / tot.clamp_min(1e-300), torch.zeros_like(tot))
+    f = f - row * f.sum(-1, keepdim=True) * w
+    var = var - row[..., :, None] * row[..., None, :] * w[..., None]
     d = torch.diagonal(var, dim1=-2, dim2=-1).clamp_min(1e-12)
     alpha = (1 - 2 / C + f.exp() / C**2 * (-f).exp().sum(-1, keepdim=True)) / d
     return alpha / alpha.sum(-1, keepdim=True)
