@@ -227,3 +227,26 @@ def test_real_minilm_laplace_widens_the_map_predictive(minilm_tokenizer):
     assert torch.allclose(p_tight, logits.softmax(-1), atol=1e-4)  # no posterior mass: the MAP
     assert entropy(p_wide).mean() > entropy(logits.softmax(-1)).mean()
     assert torch.isfinite(p_map).all()
+
+
+def test_laplace_predictions_feed_the_downstream_regression():
+    import numpy as np
+    import pandas as pd
+
+    from pyro_llm import regress
+    from pyro_llm.infer import fit_map
+
+    pm, X, _ = _mlp(n=80, classes=2)
+    y = (X[:, 0] + 0.5 * torch.randn(80, generator=torch.Generator().manual_seed(0)) > 0).long()
+    fit_map(pm, [(X[:40], y[:40])], epochs=150, lr=3e-2, progress=False,
+            loss=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+    la = fit_laplace(pm, [(X[:40], y[:40])], progress=False)
+    draws = la.predict([(X, y)], num_samples=30, progress=False)  # (S, N, C) for every row
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=80)
+    df = pd.DataFrame({"out": y.numpy() + 0.5 * q + rng.normal(size=80), "q": q,
+                       "z": np.where(np.arange(80) < 40, y.numpy(), np.nan)})
+    for method in ("mi", "ptd"):
+        res = regress(df, "out ~ C(z) + q", label="z", predictions=draws, method=method)
+        table = res.summary()
+        assert np.isfinite(table.to_numpy(dtype=float)).all(), method
