@@ -15,13 +15,17 @@ def test_demo_runs_and_writes_its_files(tmp_path, capsys):
     import arviz as az
     from peft import PeftConfig
 
+    from pyro_llm import load_laplace
+
     report = demo.run(demo.parse_args(TINY + ["--out", str(tmp_path)]))
     out = capsys.readouterr().out
-    assert "MAP (LoRA)" in out and "Bayesian LoRA (SVI, S=2)" in out
+    assert "MAP (LoRA)" in out and "Bayesian LoRA (SVI, S=2)" in out and "Laplace-LoRA (kfac, GLM)" in out
     for name in ("posterior.nc", "reliability.png", "metrics.json"):
         assert (tmp_path / name).stat().st_size > 0
     for d in ("adapter_map", "adapter_posterior_mean"):
         assert PeftConfig.from_pretrained(tmp_path / d).r == 8
+    la = load_laplace(tmp_path / "laplace")
+    assert la.meta["structure"] == "kfac" and len(la.site_names) == 24  # A and B of 12 adapters
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["results"].keys() == report["results"].keys()
     for row in saved["results"].values():
