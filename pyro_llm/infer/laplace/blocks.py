@@ -30,26 +30,50 @@ DTYPE = torch.float64
 
 
 class Factor:
-    """Running ``sum_rows r r^T`` of ``(m, dim)`` rows: exact, or a rank-``rank`` square root."""
+    """Running ``sum_rows r r^T`` of ``(m, dim)`` rows: exact, or a rank-``rank`` square root.
 
-    def __init__(self, dim: int, rank: int | None = None):
+    The low-rank update keeps ``U`` (dim x rank) with ``U U^T`` the top-``rank`` part of
+    ``U U^T + R^T R`` for each new batch ``R``, found by a randomised range finder on that
+    sum as an operator (Halko et al. 2011), started from the current basis plus
+    ``oversample`` random directions, with ``power_iters`` power iterations: its cost is
+    ``O(m dim (rank + oversample))`` per batch and no dim x dim matrix is formed. It is exact
+    when the accumulated rows span at most ``rank + oversample`` directions.
+    """
+
+    def __init__(self, dim: int, rank: int | None = None, oversample: int = 10, power_iters: int = 2,
+                 seed: int = 0):
         self.dim = int(dim)
         self.rank = int(rank) if rank is not None and rank < dim else None
         if self.rank is None:
             self.S = torch.zeros(dim, dim, dtype=DTYPE)
         else:
             self.U = torch.zeros(dim, 0, dtype=DTYPE)
+            self.q = min(self.dim, self.rank + oversample)
+            self.power_iters = power_iters
+            self._gen = torch.Generator().manual_seed(seed)
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.detach().reshape(-1, self.dim).to(DTYPE).cpu()
         if self.rank is None:
             self.S.addmm_(rows.T, rows)
             return
-        U = torch.cat([self.U, rows.T], 1)
-        if U.shape[1] > self.rank:  # U U^T keeps its top-rank part: Q s^2 Q^T
-            Q, s, _ = torch.linalg.svd(U, full_matrices=False)
-            U = Q[:, : self.rank] * s[: self.rank]
-        self.U = U
+        U = self.U
+        if U.shape[1] + rows.shape[0] <= self.rank:  # still exact: keep the rows themselves
+            self.U = torch.cat([U, rows.T], 1)
+            return
+
+        def apply(X):  # (U U^T + R^T R) X without forming the sum
+            return U @ (U.T @ X) + rows.T @ (rows @ X)
+
+        start = torch.randn(self.dim, self.q, dtype=DTYPE, generator=self._gen)
+        if U.shape[1]:
+            start[:, : U.shape[1]] = U
+        Q = torch.linalg.qr(apply(start)).Q
+        for _ in range(self.power_iters):
+            Q = torch.linalg.qr(apply(Q)).Q
+        lam, V = torch.linalg.eigh(Q.T @ apply(Q))
+        top = lam.flip(0)[: self.rank].clamp_min(0.0)
+        self.U = (Q @ V.flip(1)[:, : self.rank]) * top.sqrt()
 
     def eig(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvectors ``(dim, k)`` and eigenvalues ``(k,)`` of ``scale * sum r r^T``."""
