@@ -1,0 +1,497 @@
+"""Calibration benchmark (``/work/shared/BENCHMARKS.md`` section 2): MAP LoRA vs post-hoc Laplace-LoRA.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/calibration.py --quick --out benchmarks/results/calibration_quick.json
+    .venv/bin/python benchmarks/calibration.py --out benchmarks/results/calibration.json --resume
+
+One *setting* is (model, n_train, seed): the model is fine-tuned once with plain LoRA (MAP) on
+n_train labelled Rotten Tomatoes reviews (fresh vs rotten), then every method of
+:data:`METHODS` turns that same fine-tuned model into predictive probabilities on the same
+held-out reviews (the Laplace fits leave the peft weights as they are). One JSON row per
+(setting, method), written to ``--out`` as soon as it is done; ``--resume`` keeps the rows
+already there (same sizes and options) and runs only the missing ones.
+
+Models: all-MiniLM-L6-v2 as a sequence classifier (LoRA r=8 on query/value + the new head), and
+SmolLM2-135M-Instruct with label-token logits after a prompt (Laplace-LoRA appendix D; LoRA r=8
+on q_proj/v_proj, no head). The test set is fixed (the same reviews for every n_train and seed);
+the training reviews are drawn from the rest with the seed, which also seeds the adapter's
+initialisation, the batch order and the Laplace Fisher's sampled labels.
+
+Adding a method: write ``fn(setting, args) -> Output`` and put it in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path[0] = str(_HERE.parent)  # so that ``import coverage`` (numba does) is not benchmarks/coverage.py
+
+TASK = "rotten_tomatoes"
+TEMPLATE = "Review: {text}\nSentiment (negative or positive):"
+ANSWERS = ["negative", "positive"]  # class 0 = rotten, class 1 = fresh
+TEST_SEED = 12345  # which reviews are held out (the same for every setting)
+
+# per-model defaults of the full run; --quick and the command line override them
+FULL = {
+    "minilm": dict(n_train=[200, 1000], n_test=2000, epochs=10, seeds=[0, 1, 2], max_length=64,
+                   batch_size=16, eval_batch_size=64),
+    "smollm2": dict(n_train=[200], n_test=300, epochs=2, seeds=[0, 1, 2], max_length=96,
+                    batch_size=16, eval_batch_size=16),
+}
+QUICK = {"minilm": dict(n_train=[100], n_test=300, epochs=2, seeds=[0]),
+         "smollm2": dict(n_train=[50], n_test=100, epochs=1, seeds=[0])}
+MODEL_NAMES = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
+PEAK_MB_HOW = ("VmHWM (peak resident set size of the whole process: Python, torch, model, data) "
+               "over the method's fit and predict, the peak mark reset through "
+               "/proc/self/clear_refs just before; MAP includes its training. The heap is not "
+               "returned to the OS between methods, so a later row's peak is at least the "
+               "RSS left by earlier ones (rss_start_mb: the RSS at the reset)")
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclass
+class Setting:
+    """A MAP-fine-tuned model and its data: what every method starts from."""
+
+    model: str  # "minilm" / "smollm2"
+    n_train: int
+    seed: int
+    peft_model: object
+    train_dl: object  # shuffled, for MAP training
+    fit_dl: object  # the same training reviews in order, for the post-hoc fits
+    test_dl: object
+    y_test: object
+    logits_fn: Callable  # (peft_model, batch) -> (B, C) logits
+    map_fit_s: float = 0.0
+    map_peak_mb: float | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Output:
+    """What a method returns: predictive probabilities ``(N, C)``, optional draws ``(S, N, C)``,
+    its own fit and predict seconds, and extra JSON fields."""
+
+    probs: object
+    sample_probs: object | None
+    fit_s: float
+    predict_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def _texts(n_test: int, n_train: int, seed: int):
+    """Held-out reviews (fixed) and ``n_train`` training reviews drawn with ``seed``."""
+    import numpy as np
+
+    from pyro_llm.data import rotten_tomatoes, split_indices
+
+    texts, labels = rotten_tomatoes(seed=0)
+    test_idx, pool = split_indices(len(texts), [n_test, len(texts) - n_test], seed=TEST_SEED)
+    train_idx = np.random.default_rng(seed).choice(pool, size=n_train, replace=False)
+    pick = lambda idx: ([texts[i] for i in idx], labels[idx])  # noqa: E731
+    return pick(train_idx), pick(test_idx)
+
+
+def _loaders(tok, train, test, size: dict, prompt: str | None = None):
+    import torch
+
+    from pyro_llm.data import TextDataset, collate
+
+    fmt = (lambda ts: [prompt.format(text=t) for t in ts]) if prompt else list
+    side = getattr(tok, "truncation_side", "right")
+    if prompt:  # truncate the review's start, never the answer slot at the prompt's end
+        tok.truncation_side = "left"
+    try:
+        tr = TextDataset(fmt(train[0]), tok, train[1], size["max_length"], 2)
+        te = TextDataset(fmt(test[0]), tok, test[1], size["max_length"], 2)
+    finally:
+        tok.truncation_side = side
+    dl = partial(torch.utils.data.DataLoader, collate_fn=collate)
+    return (dl(tr, size["batch_size"], shuffle=True), dl(tr, size["batch_size"]),
+            dl(te, size["eval_batch_size"]), te.labels)
+
+
+def classifier_logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def smollm2_logits_fn(answer_ids):
+    """Label-token logits of the causal LM: ``label_token_logits(model(...), mask, answer_ids)``,
+    computed with the LM head restricted to the answer rows (the same numbers, without the
+    49,152-wide vocabulary projection at every position)."""
+    import torch
+
+    from pyro_llm.features import label_token_logits
+
+    ids = torch.as_tensor(answer_ids)
+
+    def logits_fn(model, batch):
+        lm = model.get_base_model()
+        h = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        w = lm.lm_head.weight[ids]  # (K, H); SmolLM2's head has no bias
+        return label_token_logits(h @ w.T, batch["attention_mask"], list(range(len(ids))))
+
+    return logits_fn
+
+
+def build_setting(model: str, n_train: int, seed: int, size: dict, args) -> Setting:
+    """Load the model with a fresh adapter, the data, and fit MAP (timed, peak memory)."""
+    import pyro
+    import torch
+
+    from pyro_llm.infer import fit_map
+
+    pyro.set_rng_seed(seed)
+    train, test = _texts(size["n_test"], n_train, seed)
+    if model == "minilm":
+        from pyro_llm.models import lora_classifier
+
+        peft_model, tok = lora_classifier(num_labels=2, r=args.rank, target_modules=("query", "value"),
+                                          seed=seed)
+        logits_fn, prompt = classifier_logits, None
+    else:
+        from pyro_llm.features import LabelTokenPrompt
+        from pyro_llm.models import lora_causal_lm
+
+        peft_model, tok = lora_causal_lm(r=args.rank, target_modules=("q_proj", "v_proj"), seed=seed)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        logits_fn, prompt = smollm2_logits_fn(LabelTokenPrompt(tok, TEMPLATE, ANSWERS).token_ids), TEMPLATE
+    train_dl, fit_dl, test_dl, y_test = _loaders(tok, train, test, size, prompt)
+    loss = None if model == "minilm" else (
+        lambda m, b: torch.nn.functional.cross_entropy(logits_fn(m, b), b["labels"]))
+    gc.collect()
+    rss = _rss_mb()
+    _reset_peak()
+    t0 = time.perf_counter()
+    fit_map(peft_model, train_dl, loss=loss, epochs=size["epochs"], lr=args.lr,
+            progress=args.progress, seed=seed)
+    map_fit_s = time.perf_counter() - t0
+    peft_model.eval()
+    return Setting(model, n_train, seed, peft_model, train_dl, fit_dl, test_dl, y_test, logits_fn,
+                   map_fit_s, info={"rss_start_mb": rss})
+
+
+# ---------------------------------------------------------------------------- methods
+def run_map(s: Setting, args) -> Output:
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        probs = torch.cat([s.logits_fn(s.peft_model, b).softmax(-1) for b in s.test_dl])
+    return Output(probs, None, s.map_fit_s, time.perf_counter() - t0)
+
+
+def run_laplace(s: Setting, args, **fit_kwargs) -> Output:
+    from pyro_llm.infer.laplace import fit_laplace
+
+    t0 = time.perf_counter()
+    la = fit_laplace(s.peft_model, s.fit_dl, logits_fn=s.logits_fn, progress=args.progress,
+                     seed=s.seed, **fit_kwargs)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sp = la.predict(s.test_dl, pred_type="glm", link=args.link, num_samples=args.samples,
+                    logits_fn=s.logits_fn, progress=args.progress, seed=s.seed)
+    predict_s = time.perf_counter() - t0
+    delta = la.prior_precision.tolist()
+    extra = {"prior_precision": delta[0] if len(set(delta)) == 1 else delta,
+             "memory_bytes": int(la.memory_bytes), "num_parameters": int(la.num_parameters),
+             "log_marglik": float(la.log_marginal_likelihood()), "base_fit_s": s.map_fit_s,
+             "laplace": {k: la.meta[k] for k in ("structure", "curvature", "n_kfac", "kfac_approx")},
+             "sites": len(la.site_names)}
+    return Output(sp.mean(0), sp if sp.shape[0] > 1 else None, fit_s, predict_s, extra)
+
+
+LLLA_FULL_MAX = 2048  # a last layer with more parameters gets KFAC instead of a dense block
+
+
+def run_llla(s: Setting, args) -> Output:
+    """Last-layer Laplace: MiniLM's classifier head (770 parameters) with a dense curvature;
+    SmolLM2 has no head, and its last layer (layer 29's v_proj LoRA A and B, 6,144 parameters)
+    gets KFAC: the marginal-likelihood prior search factorises a dense block anew at every one
+    of its 300 steps (about 37 s each at 6,144 parameters on one core)."""
+    from pyro_llm.infer.laplace import last_layer_names
+
+    shapes = [s.peft_model.get_parameter(n).shape for n in last_layer_names(s.peft_model)]
+    dense = sum(math.prod(x) for x in shapes) <= LLLA_FULL_MAX
+    return run_laplace(s, args, structure="full" if dense else "kfac", select="last_layer")
+
+
+# name -> fn(setting, args) -> Output; the Laplace rows all start from the MAP fit of the setting
+METHODS: dict[str, Callable[[Setting, argparse.Namespace], Output]] = {
+    "map": run_map,
+    "laplace_kfac": partial(run_laplace, structure="kfac"),
+    "laplace_lowrank_kfac": partial(run_laplace, structure="lowrank_kfac", n_kfac=10),
+    "laplace_diag": partial(run_laplace, structure="diag"),
+    "laplace_llla": run_llla,
+}
+POSTHOC = {m for m in METHODS if m != "map"}  # their fit_s excludes the MAP fit (base_fit_s)
+
+
+# ---------------------------------------------------------------------------- memory
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_mb() -> float | None:
+    """Current resident set size (``VmRSS``), or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return None
+
+
+def _peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # whole process, never reset
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+# ---------------------------------------------------------------------------- rows
+def config(model: str, size: dict, args) -> dict:
+    """Everything besides (model, n_train, seed, method) that changes a row: part of its key."""
+    return {"n_test": size["n_test"], "epochs": size["epochs"], "lr": args.lr, "rank": args.rank,
+            "batch_size": size["batch_size"], "max_length": size["max_length"], "link": args.link,
+            "num_samples": args.samples}
+
+
+def row_key(row: dict) -> tuple:
+    return (row["task"], row["model"], row["n_train"], row["seed"], row["method"],
+            json.dumps(row["config"], sort_keys=True))
+
+
+def make_row(s: Setting, method: str, out: Output, cfg: dict, peak_mb: float | None) -> dict:
+    from pyro_llm import metrics
+
+    m = metrics.summarize(out.probs, s.y_test, out.sample_probs, n_bins=15)
+    row = {"task": TASK, "model": MODEL_NAMES[s.model], "n_train": s.n_train, "seed": s.seed,
+           "method": method, "accuracy": m["accuracy"], "ece": m["ece"], "nll": m["nll"],
+           "brier": m["brier"], "auroc_ood": None, "fit_s": out.fit_s, "predict_s": out.predict_s,
+           "peak_mb": peak_mb, "n_test": len(s.y_test), "entropy": m["entropy"],
+           "mutual_information": m.get("mutual_information"), "config": cfg, "peak_mb_how": PEAK_MB_HOW}
+    row.update(out.extra)
+    return row
+
+
+def _save(rows: list[dict], path: Path | None) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, path)  # a killed run never leaves a half-written file
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_setting(model, n_train, seed, size, args, rows, done) -> None:
+    cfg = config(model, size, args)
+    todo = [m for m in args.methods
+            if row_key({"task": TASK, "model": MODEL_NAMES[model], "n_train": n_train, "seed": seed,
+                        "method": m, "config": cfg}) not in done]
+    tag = f"{MODEL_NAMES[model]} n_train={n_train} seed={seed}"
+    if not todo:
+        _log(f"{tag}: all {len(args.methods)} methods kept from --out")
+        return
+    _log(f"{tag}: MAP fit, {size['epochs']} epochs (to run: {', '.join(todo)})")
+    s = build_setting(model, n_train, seed, size, args)
+    s.map_peak_mb = _peak_mb()
+    _log(f"{tag}: MAP fitted in {s.map_fit_s:.0f} s")
+    for method in todo:
+        gc.collect()
+        rss = s.info["rss_start_mb"] if method == "map" else _rss_mb()
+        if method != "map":
+            _reset_peak()
+        out = METHODS[method](s, args)
+        peak = _peak_mb() if method != "map" else max(s.map_peak_mb, _peak_mb())
+        row = make_row(s, method, out, cfg, peak)
+        row["rss_start_mb"] = rss
+        rows.append(row)
+        done.add(row_key(row))
+        _save(rows, args.out)
+        _log(f"{tag}: {method:<21} acc {row['accuracy']:.3f}  ece {row['ece']:.3f}  nll {row['nll']:.3f}"
+             f"  brier {row['brier']:.3f}  fit {row['fit_s']:.0f} s  predict {row['predict_s']:.0f} s"
+             + (f"  delta {row['prior_precision']:.3g}" if isinstance(row.get("prior_precision"), float)
+                else ""))
+
+
+# ---------------------------------------------------------------------------- report
+METRICS = ("accuracy", "ece", "nll", "brier", "fit_s", "predict_s", "peak_mb")
+
+
+def _ms(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """(model, n_train, n_test, method) -> {metric: (mean, sd), "seeds": k} over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["n_train"], r["n_test"], r["method"]), []).append(r)
+    return {k: {"seeds": len(v), **{m: _ms([r.get(m) for r in v]) for m in METRICS}}
+            for k, v in groups.items()}
+
+
+def verdicts(agg: dict) -> dict:
+    """Per (model, n_train, n_test): the goal "a Laplace method halves MAP's ECE at equal accuracy
+    (within 1 point)", on the means over seeds; the best such method (lowest ECE) or None."""
+    out = {}
+    for (model, n, nt, method), a in agg.items():
+        if method != "map":
+            continue
+        base = a
+        cands = [(agg[k]["ece"][0], k[3]) for k in agg if k[:3] == (model, n, nt) and k[3] != "map"]
+        ok = [(e, m) for e, m in cands if e <= 0.5 * base["ece"][0]
+              and abs(agg[(model, n, nt, m)]["accuracy"][0] - base["accuracy"][0]) <= 0.01]
+        best = min(cands) if cands else None
+        out[(model, n, nt)] = {"met": bool(ok), "method": min(ok)[1] if ok else None,
+                               "best_ece": best, "map_ece": base["ece"][0]}
+    return out
+
+
+def _pm(ms: tuple, sep: str = "±") -> str:
+    return f"{ms[0]:.3f}{sep}{ms[1]:.3f}"
+
+
+def table(rows: list[dict]) -> str:
+    agg = aggregate(rows)
+    head = (f"{'model':<22}{'n':>5}{'test':>6}  {'method':<21}{'seeds':>5}{'accuracy':>15}{'ECE':>15}"
+            f"{'NLL':>15}{'Brier':>15}{'fit s':>8}{'pred s':>8}{'peak MB':>9}")
+    lines = [head, "-" * len(head)]
+    for (model, n, nt, method), a in agg.items():
+        lines.append(f"{model:<22}{n:>5}{nt:>6}  {method:<21}{a['seeds']:>5}"
+                     + "".join(_pm(a[m]).rjust(15) for m in ("accuracy", "ece", "nll", "brier"))
+                     + f"{a['fit_s'][0]:>8.1f}{a['predict_s'][0]:>8.1f}{a['peak_mb'][0]:>9.0f}")
+    lines.append("mean ± sd over seeds; Laplace fit s excludes the MAP fit (MAP's fit s)")
+    for (model, n, nt), v in verdicts(agg).items():
+        best = v["best_ece"]
+        txt = (f"MET by {v['method']}" if v["met"] else "NOT met"
+               + (f" (lowest Laplace ECE {best[0]:.3f}, {best[1]})" if best else " (no Laplace rows)"))
+        lines.append(f"goal 'Laplace halves MAP's ECE at equal accuracy (±1 pt)', {model} n={n} test={nt}: "
+                     f"MAP ECE {v['map_ece']:.3f}, {txt}")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    agg = aggregate(rows)
+    lines = ["| model | n_train | n_test | method | seeds | accuracy | ECE | NLL | Brier | fit s "
+             "| predict s | peak MB |", "| --- | ---: | ---: | --- |" + " ---: |" * 8]
+    for (model, n, nt, method), a in agg.items():
+        cells = " | ".join(_pm(a[m], " ± ") for m in ("accuracy", "ece", "nll", "brier"))
+        lines.append(f"| {model} | {n} | {nt} | {method} | {a['seeds']} | {cells} | {a['fit_s'][0]:.1f} "
+                     f"| {a['predict_s'][0]:.1f} | {a['peak_mb'][0]:.0f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="MiniLM only, n_train 100, 300 test, 2 epochs, seed 0, MC 20: a few minutes")
+    p.add_argument("--models", nargs="+", choices=list(FULL), help="default: both (--quick: minilm)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--n-train", type=int, nargs="+", help="training sizes (every model)")
+    p.add_argument("--n-test", type=int, help="held-out reviews (every model)")
+    p.add_argument("--epochs", type=int, help="MAP epochs (every model)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (every model)")
+    p.add_argument("--smollm2-n-test", type=int,
+                   help=f"SmolLM2 held-out reviews ({FULL['smollm2']['n_test']})")
+    p.add_argument("--smollm2-seeds", type=int, nargs="+", help="SmolLM2 seeds (0 1 2)")
+    p.add_argument("--link", default="mc", choices=["mc", "probit", "bridge"],
+                   help="GLM predictive link (mc)")
+    p.add_argument("--samples", type=int, help="MC samples of the GLM logits (100; --quick 20)")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of the MAP fit (5e-4)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (8)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared 2-core machine 2 threads run several times slower)")
+    p.add_argument("--out", type=Path, help="write the rows as JSON here (after every row)")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out and run the rest")
+    p.add_argument("--markdown", type=Path, nargs="+", metavar="JSON",
+                   help="print the rows in these JSON files as a Markdown table and exit")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (default: bars only when stderr is a terminal)")
+    return p
+
+
+def sizes(model: str, args) -> dict:
+    size = dict(FULL[model], **(QUICK[model] if args.quick else {}))
+    for k in ("n_train", "n_test", "epochs", "seeds"):
+        if getattr(args, k) is not None:
+            size[k] = getattr(args, k)
+    if model == "smollm2":
+        size["n_test"] = args.smollm2_n_test or size["n_test"]
+        size["seeds"] = args.smollm2_seeds or size["seeds"]
+    return size
+
+
+def main(argv=None) -> list[dict]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown([r for f in args.markdown for r in json.loads(f.read_text())]))
+        return []
+    args.models = args.models or (["minilm"] if args.quick else list(FULL))
+    args.samples = args.samples or (20 if args.quick else 100)
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
+    rows = []
+    if args.resume:
+        if not args.out:
+            p.error("--resume needs --out")
+        rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    done = {row_key(r) for r in rows}
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    # seed by seed (all models and sizes for seed 0 first), so a partial run is balanced
+    plan = sorted(((seed, i, n_train, model) for i, model in enumerate(args.models)
+                   for n_train in sizes(model, args)["n_train"] for seed in sizes(model, args)["seeds"]))
+    for k, (seed, _, n_train, model) in enumerate(plan):
+        _log(f"setting {k + 1}/{len(plan)}")
+        run_setting(model, n_train, seed, sizes(model, args), args, rows, done)
+    cfg = {m: json.dumps(config(m, sizes(m, args), args), sort_keys=True) for m in args.models}
+    wanted = {(TASK, MODEL_NAMES[m], n, seed, method, cfg[m]) for m in args.models
+              for n in sizes(m, args)["n_train"] for seed in sizes(m, args)["seeds"]
+              for method in args.methods}
+    print(table([r for r in rows if row_key(r) in wanted]))
+    _log(f"total {time.perf_counter() - t0:.0f} s" + (f"; rows in {args.out}" if args.out else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
