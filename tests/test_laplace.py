@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import fake_finetune, mlp_peft, tiny_transformer, token_batch
 
-from pyro_llm.infer.laplace import Factor, fit_laplace, laplace_bridge, mc_softmax, probit
+from pyro_llm.infer.laplace import Factor, FullBlock, fit_laplace, laplace_bridge, mc_softmax, probit
 from pyro_llm.infer.laplace.capture import tapped
 from pyro_llm.infer.laplace.predictive import _at_map, glm_logit_moments
 
@@ -284,3 +284,27 @@ def test_laplace_bridge_inverts_a_dirichlet_and_matches_monte_carlo_there():
     ex = (2.0 * torch.eye(4) + 0.5).double().expand(3, 4, 4)
     for fn in (probit, laplace_bridge):
         assert torch.allclose(fn(f0, ex), torch.full((3, 4), 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("deltas", [(0.7, 0.7), (0.3, 5.0)])
+def test_full_block_eigen_and_cholesky_paths_are_the_dense_formulas(deltas):
+    """One precision per block uses H's eigenbasis, different ones a Cholesky: both are exact."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    block = FullBlock([0, 1], [(2, 2), (3,)], A @ A.T)
+    d = torch.tensor(deltas, dtype=torch.float64)
+    P = A @ A.T + torch.diag(torch.cat([d[0].expand(4), d[1].expand(3)]))
+    assert float(block.logdet(d)) == pytest.approx(float(torch.logdet(P)), rel=1e-12)
+    J = [torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64),
+         torch.randn(4, 3, 3, generator=g, dtype=torch.float64)]
+    Jf = torch.cat([J[0].flatten(2), J[1]], -1)
+    assert torch.allclose(block.variance(J, d), Jf @ torch.linalg.inv(P) @ Jf.transpose(1, 2), rtol=1e-10)
+    x = [torch.randn(5, 2, 2, generator=g, dtype=torch.float64),
+         torch.randn(5, 3, generator=g, dtype=torch.float64)]
+    xf = torch.cat([x[0].flatten(1), x[1]], -1)
+    assert torch.allclose(block.mahalanobis(x, d), torch.einsum("ni,ij,nj->n", xf, P, xf), rtol=1e-10)
+    dev = block.sample(d, 40000, torch.Generator().manual_seed(1))
+    flat = torch.cat([dev[0].flatten(1), dev[1]], -1)
+    cov = torch.linalg.inv(P)
+    se = ((torch.diag(cov)[:, None] * torch.diag(cov)[None, :] + cov.square()) / 40000).sqrt()
+    assert ((flat.T @ flat / 40000 - cov).abs() <= 5 * se).all()

@@ -143,7 +143,7 @@ def test_a_causal_lm_with_label_token_logits():
     for structure, select in (("lowrank_kfac", "AB"), ("full", "last_layer")):
         la = fit_laplace(pm, _split(batch, 3), structure=structure, select=select, n_kfac=4,
                          logits_fn=logits_fn, progress=False)
-        p = la.predict([batch], logits_fn=logits_fn, num_samples=10, progress=False)
+        p = la.predict([batch], num_samples=10, progress=False)  # the fit's logits_fn is remembered
         assert p.shape == (10, 6, 2) and torch.isfinite(p).all()
     assert la.site_names == BayesianLoRA(pm).site_names[-2:]  # LLLA: the last adapted layer
 

@@ -185,7 +185,12 @@ class DiagBlock:
 
 
 class FullBlock:
-    """Several sites with one dense curvature over their concatenation (e.g. the last layer)."""
+    """Several sites with one dense curvature over their concatenation (e.g. the last layer).
+
+    With one prior precision for the whole block, ``H`` is eigendecomposed once and every
+    operation (log det, draws, variances, the marginal likelihood's gradient) is a cheap
+    diagonal one in that basis; per-site precisions that differ fall back to a Cholesky.
+    """
 
     kind = "full"
 
@@ -193,10 +198,20 @@ class FullBlock:
         self.sites, self.shapes = list(sites), [tuple(s) for s in shapes]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.H = H.to(DTYPE)
-        self._chol_key, self._chol = None, None
+        self._chol_key, self._chol, self._eigh = None, None, None
 
     def dense(self) -> torch.Tensor:
         return self.H
+
+    def _uniform(self, delta) -> torch.Tensor | None:
+        """The block's single prior precision, or None if its sites have different ones."""
+        d = _as_delta(delta, len(self.sites))
+        if bool((d.detach() == d.detach()[0]).all()):
+            if self._eigh is None:
+                lam, Q = torch.linalg.eigh(self.H)
+                self._eigh = (lam.clamp_min(0.0), Q)
+            return d[0]
+        return None
 
     def _L(self, delta) -> torch.Tensor:
         d = _as_delta(delta, len(self.sites))
@@ -210,6 +225,9 @@ class FullBlock:
         return self._chol
 
     def logdet(self, delta) -> torch.Tensor:
+        d0 = self._uniform(delta)
+        if d0 is not None:
+            return torch.log(self._eigh[0] + d0).sum()
         return 2 * torch.log(torch.diagonal(self._L(delta))).sum()
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -218,11 +236,20 @@ class FullBlock:
 
     def sample(self, delta, n: int, generator=None) -> list[torch.Tensor]:
         e = torch.randn((sum(self.sizes), n), dtype=DTYPE, generator=generator)
+        d0 = self._uniform(delta)
+        if d0 is not None:
+            lam, Q = self._eigh
+            return self._split((Q @ (e / (lam + d0).sqrt()[:, None])).T)
         x = torch.linalg.solve_triangular(self._L(delta).T, e, upper=True)  # L^-T e
         return self._split(x.T)
 
     def variance(self, J: list[torch.Tensor], delta) -> torch.Tensor:
         Jf = torch.cat([j.to(DTYPE).flatten(2) for j in J], -1)  # (B, C, P)
+        d0 = self._uniform(delta)
+        if d0 is not None:
+            lam, Q = self._eigh
+            JQ = Jf @ Q
+            return torch.einsum("bcp,bdp->bcd", JQ / (lam + d0), JQ)
         B, C, P = Jf.shape
         sol = torch.cholesky_solve(Jf.reshape(-1, P).T, self._L(delta)).T.reshape(B, C, P)
         return torch.einsum("bcp,bdp->bcd", sol, Jf)
@@ -230,8 +257,11 @@ class FullBlock:
     def mahalanobis(self, x: list[torch.Tensor], delta) -> torch.Tensor:
         flat = [xi.to(DTYPE).flatten(xi.dim() - len(s)) for xi, s in zip(x, self.shapes, strict=True)]
         xf = torch.cat(flat, -1)
-        Lt = self._L(delta).T
-        return (xf @ Lt.T).square().sum(-1) if xf.dim() > 1 else (Lt @ xf).square().sum()
+        d0 = self._uniform(delta)
+        if d0 is not None:
+            lam, Q = self._eigh
+            return ((xf @ Q).square() * (lam + d0)).sum(-1)
+        return (xf @ self._L(delta)).square().sum(-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"H": self.H}

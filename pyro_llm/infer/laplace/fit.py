@@ -248,6 +248,7 @@ def fit_laplace(
                 mc_samples=mc_samples)
     la = LaplacePosterior([lora.site_name(nm) for nm in names], shapes, map_values, acc.blocks(n),
                           prior_precision, loglik, n, meta, lora=lora)
+    la.logits_fn = logits_fn
     if optimize_prior == "marglik":
         la.optimize_prior_precision(per_site=per_site)
     elif optimize_prior is not None:

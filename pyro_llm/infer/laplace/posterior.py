@@ -44,6 +44,7 @@ class LaplacePosterior(Posterior):
         self.blocks = list(blocks)
         self.log_likelihood, self.n_data, self.meta = float(log_likelihood), int(n_data), dict(meta)
         self.lora = lora
+        self.logits_fn = None  # fit_laplace's logits_fn, the default of predict (not saved)
         self.marglik_trace: list[float] = []
         self.prior_precision = prior_precision
 

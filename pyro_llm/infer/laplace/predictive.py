@@ -118,7 +118,8 @@ def laplace_predict(la, data, *, pred_type: str = "glm", link: str = "mc", num_s
                     logits_fn=None, progress: bool = True, seed: int | None = 0) -> torch.Tensor:
     """Class probabilities ``(S, N, C)`` under the Laplace posterior ``la``.
 
-    ``pred_type="glm"`` linearises the logits (``link``: ``"mc"`` gives S = ``num_samples`` draws,
+    ``logits_fn`` defaults to the one the posterior was fitted with. ``pred_type="glm"`` linearises
+    the logits (``link``: ``"mc"`` gives S = ``num_samples`` draws,
     ``"probit"`` and ``"bridge"`` one closed-form row, S = 1); ``pred_type="nn"`` runs the network
     under ``num_samples`` weight draws. The mean over the first axis is the predictive.
     """
@@ -126,7 +127,7 @@ def laplace_predict(la, data, *, pred_type: str = "glm", link: str = "mc", num_s
         raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
     if link not in LINKS:
         raise ValueError(f"unknown link {link!r}; choose one of {LINKS}")
-    logits_fn = logits_fn or default_logits
+    logits_fn = logits_fn or getattr(la, "logits_fn", None) or default_logits
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if pred_type == "glm":
         return _glm(la, data, link, num_samples, logits_fn, progress, gen)
