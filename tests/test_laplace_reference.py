@@ -12,7 +12,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import fake_finetune, mlp_peft, tiny_transformer, token_batch
+from conftest import fake_finetune, tiny_transformer, token_batch
+from test_laplace import _mlp
 
 from pyro_llm.infer.laplace import fit_laplace
 
@@ -26,18 +27,6 @@ RTOL = 1e-5  # float32 curvature in laplace-torch against float64 accumulation h
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
-
-
-def _mlp(seed=0, n=40):
-    pm = mlp_peft(seed, d_in=6, hidden=16, classes=3, r=2)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if ".lora_" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    X = torch.randn(n, 6, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return pm, X, y
 
 
 def _ref(model, X, y, structure, backend=CurvlinopsGGN, **kw):
