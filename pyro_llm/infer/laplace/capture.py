@@ -11,8 +11,9 @@ Which vectors are backpropagated decides the curvature (:func:`curvature_vectors
 * ``"fisher"`` -- the Fisher with labels sampled from the model (Laplace-LoRA's default):
   ``v = p - onehot(y~)``, ``y~ ~ Cat(p)``, ``mc_samples`` times, each scaled by ``1/sqrt(m)``;
 * ``"empirical"`` -- the empirical Fisher, with the true labels: ``v = p - onehot(y)``;
-* ``"ggn"`` -- the exact generalised Gauss-Newton: the C columns of a square root of the
-  softmax Hessian ``diag(p) - p p^T``, ``v_c = sqrt(p_c) (e_c - p)``. For a categorical
+* ``"ggn"`` -- the exact generalised Gauss-Newton: ``C - 1`` vectors whose outer products sum to
+  the softmax Hessian ``diag(p) - p p^T`` (its rank is ``C - 1``; one vector, one backward pass,
+  for a binary task), from a batched eigendecomposition of that C x C matrix. For a categorical
   likelihood the GGN equals the (expected) Fisher, so ``"fisher"`` is its one-sample estimate.
 """
 
@@ -109,7 +110,11 @@ def curvature_vectors(logits: torch.Tensor, y: torch.Tensor | None, curvature: s
     C = p.shape[-1]
     eye = torch.eye(C, dtype=p.dtype, device=p.device)
     if curvature == "ggn":
-        return [p[:, c:c + 1].sqrt() * (eye[c] - p) for c in range(C)]
+        if C == 2:  # diag(p) - p p^T = u u^T with u = sqrt(p0 p1) (1, -1): one backward pass
+            return [(p[:, :1] * p[:, 1:]).sqrt() * torch.tensor([1.0, -1.0], dtype=p.dtype, device=p.device)]
+        # rank C - 1 (the ones vector is its null space): sqrt(lambda_k) q_k for the top C - 1 eigenpairs
+        lam, Q = torch.linalg.eigh(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+        return [Q[:, :, k] * lam[:, k:k + 1].clamp_min(0.0).sqrt() for k in range(1, C)]
     if curvature == "empirical":
         if y is None:
             raise ValueError("curvature='empirical' needs the true labels; the batches carry none")

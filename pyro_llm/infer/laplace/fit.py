@@ -194,7 +194,7 @@ def fit_laplace(
         batch), ``"diag"``, or ``"full"`` (dense over all sites: for the last layer).
     curvature:
         ``"fisher"`` (sampled labels, ``mc_samples`` per example; the default, as Laplace-LoRA),
-        ``"empirical"`` (true labels) or ``"ggn"`` (exact GGN, C backward passes per batch).
+        ``"empirical"`` (true labels) or ``"ggn"`` (exact GGN, C - 1 backward passes per batch).
     kfac_approx:
         How KFAC treats token positions: ``"expand"`` (each position a data point; the input factor
         averages over positions) or ``"reduce"`` (positions averaged, gradients summed first).
