@@ -45,8 +45,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path[0] = str(_HERE.parent)  # so that ``import coverage`` (numba does) is not benchmarks/coverage.py
+
 SIDES = ("numerator", "denominator")
 THREADS = 2  # torch.set_num_threads in every row's setup; --threads sets it
+QUICK = False  # --quick; rows whose data size differs with it read this
 PROBE_WARMUP = 2  # warm-up calls in a memory probe (optimiser state exists after the first)
 
 
@@ -257,7 +262,8 @@ def _loadavg() -> float | None:
 
 def format_table(rows: list[dict]) -> str:
     """The rows as a fixed-width text table (seconds are medians per call)."""
-    head = (f"{'row':<24} {'num s':>8} {'den s':>8} {'ratio':>6} {'goal':>6} {'verdict':>7} "
+    w = max([24] + [len(r["name"]) for r in rows])  # the row-name column
+    head = (f"{'row':<{w}} {'num s':>8} {'den s':>8} {'ratio':>6} {'goal':>6} {'verdict':>7} "
             f"{'cpu ratio':>9} {'rounds':>6} {'peak MB num/den':>15} {'load':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -268,7 +274,7 @@ def format_table(rows: list[dict]) -> str:
         st = r.get("settings", {})
         load = st.get("load_average_1min") or {}
         load = f"{load.get('start')}->{load.get('end')}" if load else "n/a"
-        lines.append(f"{r['name']:<24} {r['numerator_s']:>8.4f} {r['denominator_s']:>8.4f} "
+        lines.append(f"{r['name']:<{w}} {r['numerator_s']:>8.4f} {r['denominator_s']:>8.4f} "
                      f"{r['ratio']:>6.3f} {'<=' + format(r['goal'], 'g'):>6} "
                      f"{r['verdict']:>7} {cpu:>9} {st.get('timed_rounds', '?'):>6} "
                      f"{peak:>15} {load:>9}")
@@ -322,9 +328,9 @@ def _sizes(bench: Benchmark, args) -> Sizes:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    global THREADS
+    global THREADS, QUICK
     args = build_parser().parse_args(argv)
-    THREADS = args.threads
+    THREADS, QUICK = args.threads, args.quick
     if args.probe:
         name, side = args.probe.split(":")
         print(json.dumps(run_probe(REGISTRY[name], side, _sizes(REGISTRY[name], args))))
@@ -359,15 +365,16 @@ def _seed_all() -> None:
     pyro.set_rng_seed(SEED)  # seeds torch, numpy and random
 
 
-def _minilm_batches() -> list[dict]:
-    """``N_BATCHES`` batches of ``BATCH`` real reviews, padded/truncated to ``SEQ_LEN``."""
+def _minilm_batches(n_batches: int | None = None) -> list[dict]:
+    """``n_batches`` (default ``N_BATCHES``) batches of ``BATCH`` real reviews, padded/truncated
+    to ``SEQ_LEN``."""
     import torch
     from transformers import AutoTokenizer
 
     import pyro_llm
 
     texts, labels = pyro_llm.data.rotten_tomatoes(seed=SEED)
-    n = BATCH * N_BATCHES
+    n = BATCH * (n_batches or N_BATCHES)
     tok = AutoTokenizer.from_pretrained(pyro_llm.data.minilm_path())
     enc = tok(texts[:n], padding="max_length", truncation=True, max_length=SEQ_LEN,
               return_tensors="pt")
@@ -549,6 +556,18 @@ def svi_step_over_map_step_no_dropout(sides: Iterable[str]) -> Pair:
                     "model(**batch, labels=...).loss; AdamW over the trainable peft tensors")
     return Pair(num, den, settings)
 
+
+def _add_rows(file: str) -> None:
+    """Rows kept in another file (``register_rows(this module)``) join this REGISTRY."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{__name__}.{file}", _HERE / f"{file}.py")
+    sys.modules[spec.name] = mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.register_rows(sys.modules[__name__])
+
+
+_add_rows("cost_laplace")  # laplace_fit_over_map_epoch, laplace_fit_ours_over_laplace_torch, ...
 
 if __name__ == "__main__":
     main()
