@@ -139,7 +139,7 @@ def laplace_fit_over_map_epoch(cost, sides: Iterable[str], fit_batches: int | No
     settings.update(
         numerator="fit_laplace(net, batches, structure='kfac', progress=False): curvature='fisher' "
                   "(one sampled label per example), kfac_approx='expand', optimize_prior='marglik' "
-                  "(300 Adam steps), factors accumulated in float64",
+                  "(L-BFGS), factors accumulated in float64",
         denominator=f"{n_batches} calls of the cost rows' MAP step (peft model in train mode, HF loss, "
                     "backward, clip_grad_norm_, AdamW: fit_map's loop body), one per batch",
         goal_note="no hard goal in BENCHMARKS.md; 1.0 = the fit costs no more than one training epoch, "
