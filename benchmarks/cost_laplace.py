@@ -107,10 +107,25 @@ def _common_settings(cost, n_examples: int | None = None) -> dict:
                       "models (requires_grad=False), so it is in neither our fit nor laplace-torch's",
         map_weights=f"seeded lora_B ~ N(0, {B_STD}^2) as a stand-in for fine-tuned weights (peft's zero "
                     "B would zero every lora_A output gradient); lora_A as peft initialises it",
-        versions=cost._versions())
+        versions=cost._versions(), library=_git())
     if n_examples is not None:
         out["n_examples"] = n_examples
     return out
+
+
+def _git() -> dict:
+    """The commit the library was imported from, and whether ``pyro_llm/`` differed from it."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        cmds = (["git", "rev-parse", "--short", "HEAD"], ["git", "status", "--porcelain", "pyro_llm"])
+        run = [subprocess.run(c, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+               for c in cmds]
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": run[0], "pyro_llm_modified": bool(run[1])}
 
 
 def _timed(fn):
