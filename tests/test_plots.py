@@ -1,4 +1,4 @@
-"""Reliability diagram and loss trace figures."""
+"""Reliability diagram, loss trace, selective prediction, entropy-MI and stable-rank figures."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,14 @@ import torch
 from matplotlib.figure import Figure
 
 from pyro_llm import FitResult
-from pyro_llm.metrics import ece, reliability_bins
-from pyro_llm.plots import elbo_trace, reliability_diagram
+from pyro_llm.metrics import aurc, ece, entropy, mutual_information, reliability_bins, selective_accuracy
+from pyro_llm.plots import (
+    elbo_trace,
+    entropy_mi_scatter,
+    reliability_diagram,
+    selective_prediction,
+    stable_rank_plot,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +72,114 @@ def test_elbo_trace(tmp_path):
     assert [t.get_text() for t in fig2.axes[0].get_legend().get_texts()] == ["map", "svi"]
     with pytest.raises(ValueError, match="no losses"):
         elbo_trace([])
+
+
+def _is_png(path) -> bool:
+    data = path.read_bytes()
+    return len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def samples_y():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 3, (150,), generator=g)
+    logits = 2 * torch.randn(150, 3, generator=g)
+    logits[torch.arange(150), y] += 1.5
+    noise = torch.randn(4, 150, 3, generator=g) * torch.rand(150, 1, generator=g)
+    return torch.softmax(logits + 2 * noise, -1).double(), y
+
+
+def _by_gid(ax, gid):
+    return [ln for ln in ax.get_lines() if ln.get_gid() == gid][0]
+
+
+def test_selective_prediction_curves(samples_y, tmp_path):
+    sp, y = samples_y
+    extra = {"1 - max prob": {"MAP": 1 - sp[0].max(-1).values}}
+    fig = selective_prediction({"ensemble": sp, "MAP": sp[0]}, y, scores=extra,
+                               min_kept=1, path=tmp_path / "sel.png")
+    assert _is_png(tmp_path / "sel.png")
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == [
+        "by predictive entropy", "by mutual information", "by 1 - max prob"]
+    mean = sp.mean(0)
+    for method, probs, score, ax, kind in [
+            ("ensemble", mean, entropy(mean), axes[0], "predictive entropy"),
+            ("MAP", sp[0], entropy(sp[0]), axes[0], "predictive entropy"),
+            ("ensemble", mean, mutual_information(sp), axes[1], "mutual information"),
+            ("MAP", sp[0], extra["1 - max prob"]["MAP"], axes[2], "1 - max prob")]:
+        cov, acc = selective_accuracy(probs, y, score)
+        line = _by_gid(ax, f"{kind}:{method}")
+        np.testing.assert_allclose(line.get_xdata(), (1 - cov).numpy())
+        np.testing.assert_allclose(line.get_ydata(), acc.numpy())
+        assert line.get_label() == f"{method} (AURC {float(aurc(probs, y, score)):.3f})"
+        # oracle: all errors set aside first; random: the overall accuracy
+        n_right = int((probs.argmax(-1) == y).sum())
+        oracle = _by_gid(ax, f"oracle:{method}").get_ydata()
+        np.testing.assert_allclose(oracle, np.minimum(1, n_right / (cov.numpy() * 150)))
+        assert oracle[0] == pytest.approx(n_right / 150) and oracle[-1] == 1.0
+        np.testing.assert_allclose(_by_gid(ax, f"random:{method}").get_ydata(),
+                                   [n_right / 150] * 2)
+        assert line.get_color() == _by_gid(ax, f"oracle:{method}").get_color()
+    # MAP has no samples: it is absent from the mutual-information panel
+    assert not [ln for ln in axes[1].get_lines() if ln.get_gid() == "mutual information:MAP"]
+    # one colour per method across panels
+    assert (_by_gid(axes[0], "predictive entropy:ensemble").get_color()
+            == _by_gid(axes[1], "mutual information:ensemble").get_color())
+
+
+def test_selective_prediction_min_kept_and_bad_input(samples_y):
+    sp, y = samples_y
+    fig = selective_prediction({"MAP": sp[0]}, y)  # no samples: entropy panel only
+    assert len(fig.axes) == 1
+    line = _by_gid(fig.axes[0], "predictive entropy:MAP")
+    assert len(line.get_xdata()) == 150 - 9  # stops where fewer than 10 remain
+    with pytest.raises(ValueError, match="empty"):
+        selective_prediction({}, y)
+    with pytest.raises(ValueError, match=r"names methods \['Laplace'\] that are not in"):
+        selective_prediction({"MAP": sp[0]}, y, scores={"x": {"Laplace": y.double()}})
+    with pytest.raises(ValueError, match=r"must have shape \(N, C\) or \(S, N, C\)"):
+        selective_prediction({"MAP": sp[0, 0]}, y)
+
+
+def test_entropy_mi_scatter_histograms(samples_y, tmp_path):
+    sp, y = samples_y
+    fig = entropy_mi_scatter(sp, y, bins=12, path=tmp_path / "emi.png")
+    assert _is_png(tmp_path / "emi.png")
+    correct = (sp.mean(0).argmax(-1) == y).numpy()
+    left, right = fig.axes[:2]
+    assert len(fig.axes) == 3  # two panels and a shared colour bar
+    assert left.get_title() == f"correct (n = {correct.sum()})"
+    assert right.get_title() == f"incorrect (n = {(~correct).sum()})"
+    assert left.get_ylabel() == "mutual information (nats)"
+    h, mi = entropy(sp.mean(0)).numpy(), mutual_information(sp).numpy()
+    for ax, m in [(left, correct), (right, ~correct)]:
+        counts = ax.collections[0].get_array()
+        assert counts.sum() == m.sum()  # every example lands in a bin of its panel
+        # the bins hold exactly these points (numpy recomputes the histogram)
+        edges = np.linspace(0, np.log(3) * 1.0001, 13)
+        ref, _, _ = np.histogram2d(h[m], mi[m], bins=[edges, edges])
+        np.testing.assert_array_equal(np.ma.filled(counts, 0).reshape(12, 12), ref.T)
+    assert (mi <= h + 1e-12).all()  # the MI = entropy line bounds the points
+    with pytest.raises(ValueError, match=r"sample_probs must have shape \(S, N, C\)"):
+        entropy_mi_scatter(sp[0], y)
+    with pytest.raises(ValueError, match=r"labels must have shape \(150,\)"):
+        entropy_mi_scatter(sp, y[:10])
+
+
+def test_stable_rank_plot(tmp_path):
+    ranks = {"MAP": {"base_model.model.enc.0.query": 1.5, "base_model.model.enc.0.value": 2.5},
+             "posterior mean": {"base_model.model.enc.0.query": 1.2,
+                                "base_model.model.enc.1.query": 3.0}}
+    fig = stable_rank_plot(ranks, rank=4, path=tmp_path / "sr.png")
+    assert _is_png(tmp_path / "sr.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.query", "0.value", "1.query"]
+    assert len(ax.containers) == 2
+    heights = [[b.get_height() for b in c] for c in ax.containers]
+    np.testing.assert_array_equal(heights[0], [1.5, 2.5, np.nan])  # missing layer: no bar
+    np.testing.assert_array_equal(heights[1], [1.2, np.nan, 3.0])
+    assert [c.get_label() for c in ax.containers] == ["MAP", "posterior mean"]
+    assert ax.get_lines()[0].get_ydata()[0] == 4  # the LoRA rank r
+    with pytest.raises(ValueError, match="empty"):
+        stable_rank_plot({})

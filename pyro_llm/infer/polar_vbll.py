@@ -1,0 +1,305 @@
+"""PoLAR-VBLL (Xiang, Li & Lu 2026): a PoLAR-adapted backbone under a variational Bayesian last layer.
+
+The model is a Bayesian last layer on deterministic features: ``phi = features_fn(adapter, batch)``
+(``(B, D)``, e.g. the pooled output that feeds a sequence classifier's head, or a decoder's
+last-token hidden state) and ``p(y | phi, W) = softmax(W phi)`` with a Gaussian ``q(W)``
+(:class:`~pyro_llm.vbll.VBLLClassification`). One objective, minus the VBLL bound per datum,
+is minimised by *alternating optimisation* over two blocks:
+
+1. **head block** (backbone fixed): the variational parameters of ``q(W)`` (mean and
+   covariance factor), Adam at ``vbll_lr``, on features computed without gradients;
+2. **backbone block** (head fixed): PoLAR's ``U, V`` by the Riemannian optimiser
+   (:class:`~pyro_llm.polar.PolarOptimizer`, landing or retraction) and ``Theta`` (plus any
+   other trainable tensor of the peft model) by Adam, at ``lr``. The KL term does not depend
+   on the backbone, so this block minimises the expected (Jensen-bounded) negative
+   log-likelihood under the current ``q(W)``.
+
+``alternate="step"``: on every batch, one forward pass; ``inner_steps`` head steps on its
+detached features, then one backbone step through the same graph. ``alternate="epoch"``: every
+epoch, first the features of the whole training set under the current backbone (one forward
+per batch, no gradients) and ``inner_steps`` passes of head steps over them, then one pass of
+backbone steps. The head block always comes first, so the backbone never chases the
+randomly initialised head. The backbone runs in eval mode (dropout off) unless ``dropout=True``,
+so the bound stays a deterministic objective.
+
+Prediction needs ONE backbone forward per batch: the head's predictive is sampling-free
+(:meth:`PolarVBLL.predict`); :meth:`PolarVBLL.predict_samples` reuses that one forward for S
+weight draws (for mutual information).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..lora import _train_mode
+from ..polar import PolarOptimizer
+from ..vbll import VBLLClassification, load_head, save_head
+
+__all__ = ["PolarVBLL", "fit_polar_vbll", "load_polar_vbll"]
+
+ALTERNATES = ("epoch", "step")
+_ADAPTER, _META = "adapter.safetensors", "polar_vbll.json"
+
+
+def default_labels(batch) -> torch.Tensor:
+    """``batch["labels"]`` for a mapping, the last element of a tuple or list."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise KeyError(f"batch has no 'labels' (keys {sorted(batch)}); pass labels_fn=")
+        return batch["labels"]
+    if isinstance(batch, (tuple, list)):
+        return batch[-1]
+    raise TypeError(f"cannot find labels in a {type(batch).__name__} batch; pass labels_fn=")
+
+
+def _backbone(adapter: torch.nn.Module) -> torch.nn.Module:
+    return getattr(adapter, "peft_model", adapter)
+
+
+class PolarVBLL:
+    """A fitted PoLAR-VBLL model: the adapter (backbone), the VBLL head and the fit record.
+
+    Attributes: ``adapter``, ``head`` (:class:`~pyro_llm.vbll.VBLLClassification`),
+    ``features_fn``, ``losses`` (backbone-block loss per step), ``head_losses`` (head-block
+    loss per step), ``fit_seconds``, ``config`` (the fit's settings).
+
+    Example
+    -------
+    >>> probs = model.predict(test_loader)              # (N, C), one forward per batch  # doctest: +SKIP
+    >>> draws = model.predict_samples(test_loader, 16)  # (16, N, C), for mutual information  # doctest: +SKIP
+    """
+
+    def __init__(self, adapter, head: VBLLClassification, features_fn: Callable, *, dropout=False,
+                 losses=(), head_losses=(), fit_seconds=0.0, config=None):
+        self.adapter, self.head, self.features_fn, self.dropout = adapter, head, features_fn, dropout
+        self.losses, self.head_losses = tuple(losses), tuple(head_losses)
+        self.fit_seconds, self.config = fit_seconds, dict(config or {})
+
+    @torch.no_grad()
+    def features(self, data: Iterable, progress: bool = True) -> torch.Tensor:
+        """The backbone's features for every example: ``(N, D)`` (one forward per batch)."""
+        return torch.cat(list(self._feature_batches(data, progress)))
+
+    def _feature_batches(self, data, progress):
+        total = len(data) if hasattr(data, "__len__") else None
+        with _train_mode(_backbone(self.adapter), self.dropout), torch.no_grad():
+            for batch in tqdm(data, total=total, disable=not progress, desc="predict", leave=False):
+                yield _features(self.features_fn, self.adapter, batch, self.head.in_features)
+
+    @torch.no_grad()
+    def predict(self, data: Iterable, num_samples: int | None = None, progress: bool = True,
+                seed: int = 0) -> torch.Tensor:
+        """Posterior predictive probabilities ``(N, C)``: one backbone forward per batch.
+
+        ``num_samples=None``: the head's sampling-free predictive; an integer: that many draws
+        of the logits per example (see :meth:`~pyro_llm.vbll.VBLLClassification.predict_probs`).
+        """
+        g = _generator(seed, self.head)
+        out = [self.head.predict_probs(f, num_samples, g) for f in self._feature_batches(data, progress)]
+        return _cat(out).float()
+
+    @torch.no_grad()
+    def predict_samples(self, data: Iterable, num_samples: int = 16, progress: bool = True,
+                        seed: int = 0) -> torch.Tensor:
+        """Probabilities under ``num_samples`` draws of the head weights: ``(S, N, C)``; the same
+        draws for every batch, one backbone forward per batch. ``.mean(0)`` is the MC predictive."""
+        w = self.head.sample_weights(num_samples, _generator(seed, self.head))
+        out = [self.head.sample_probs(f, w) for f in self._feature_batches(data, progress)]
+        return _cat(out, dim=1).float()
+
+    def save(self, path) -> Path:
+        """Write the head (``head/``), the adapter's trained tensors (``adapter.safetensors``) and
+        ``polar_vbll.json``; a peft-loadable adapter goes to ``peft_adapter/`` when the adapter
+        has ``save_pretrained`` (a :class:`~pyro_llm.polar.PolarAdapter`)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_head(self.head, path / "head")
+        save_file(_adapter_tensors(self.adapter), str(path / _ADAPTER))
+        if hasattr(self.adapter, "save_pretrained"):
+            self.adapter.save_pretrained(path / "peft_adapter")
+        meta = dict(format="pyro_llm.polar_vbll", version=1, dropout=self.dropout, config=self.config,
+                    losses=list(self.losses), head_losses=list(self.head_losses),
+                    fit_seconds=self.fit_seconds)
+        (path / _META).write_text(json.dumps(meta, indent=1))
+        return path
+
+
+def load_polar_vbll(path, adapter: torch.nn.Module, features_fn: Callable) -> PolarVBLL:
+    """Read a :meth:`PolarVBLL.save` folder: the adapter's tensors are copied into ``adapter``
+    (built on the same base model and LoRA config as the saved one) and written to its peft
+    model; ``features_fn`` is the same function the model was fitted with."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    missing = [f for f in (_ADAPTER, _META, "head") if not (path / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a saved PolarVBLL: {missing} missing")
+    saved, current = load_file(str(path / _ADAPTER)), _adapter_tensors(adapter, live=True)
+    if sorted(saved) != sorted(current) or any(saved[k].shape != current[k].shape for k in saved):
+        raise ValueError(f"the adapter's tensors ({len(current)}) do not match the saved ones "
+                         f"({len(saved)}); build it on the same base model and LoRA config")
+    with torch.no_grad():
+        for k, p in current.items():
+            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
+    if hasattr(adapter, "write_to_peft"):
+        adapter.write_to_peft()
+    meta = json.loads((path / _META).read_text())
+    device = current[next(iter(current))].device if current else None
+    return PolarVBLL(adapter, load_head(path / "head", device=device), features_fn,
+                     dropout=meta["dropout"], losses=meta["losses"], head_losses=meta["head_losses"],
+                     fit_seconds=meta["fit_seconds"], config=meta["config"])
+
+
+def _adapter_tensors(adapter, live: bool = False) -> dict[str, torch.Tensor]:
+    groups = (("stiefel", adapter.stiefel_parameters()), ("euclidean", adapter.euclidean_parameters()))
+    return {f"{g}.{i}": (p if live else p.detach().cpu().contiguous())
+            for g, ps in groups for i, p in enumerate(ps)}
+
+
+def _features(features_fn, adapter, batch, dim: int | None = None) -> torch.Tensor:
+    f = features_fn(adapter, batch)
+    if not torch.is_tensor(f) or f.dim() != 2 or (dim is not None and f.shape[1] != dim):
+        shape = tuple(f.shape) if torch.is_tensor(f) else type(f).__name__
+        raise ValueError(f"features_fn must return (batch, {dim or 'D'}) features, got {shape}")
+    return f
+
+
+def _generator(seed: int, head) -> torch.Generator:
+    return torch.Generator(device=head.mean.device).manual_seed(int(seed))
+
+
+def _cat(chunks, dim=0):
+    if not chunks:
+        raise ValueError("the data yielded no batch: nothing to predict")
+    return torch.cat(chunks, dim=dim)
+
+
+# ---------------------------------------------------------------- fitting
+def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callable, num_classes: int, *,
+                   epochs: int = 1, lr: float = 1e-3, vbll_lr: float = 1e-2, method: str = "landing",
+                   alternate: str = "epoch", inner_steps: int = 1, prior_scale: float = 1.0,
+                   cov: str = "dense", num_data: int | None = None, labels_fn: Callable | None = None,
+                   lam: float = 1.0, dropout: bool = False, progress: bool = True,
+                   seed: int = 0) -> PolarVBLL:
+    """Fit PoLAR-VBLL by alternating optimisation (see the module docstring for the blocks).
+
+    Parameters
+    ----------
+    adapter: a :class:`~pyro_llm.polar.PolarAdapter`, or any module with ``stiefel_parameters()``
+        and ``euclidean_parameters()``.
+    data: a re-iterable of batches (a ``DataLoader``); labels are read by ``labels_fn(batch)``
+        (default ``batch["labels"]``, or the last element of a tuple batch).
+    features_fn: ``features_fn(adapter, batch) -> (B, D)`` features through ``adapter``.
+    num_classes: number of classes C of the VBLL head.
+    epochs, lr, vbll_lr: passes over ``data``; learning rates of the backbone and head blocks.
+    method, lam: ``"landing"`` (strength ``lam``) or ``"retraction"`` for ``U, V``.
+    alternate, inner_steps: ``"epoch"`` (``inner_steps`` head passes over cached features, then
+        a backbone pass) or ``"step"`` (``inner_steps`` head steps, then one backbone step, per batch).
+    prior_scale, cov: the head's prior standard deviation and covariance structure.
+    num_data: training-set size N (KL weight 1/N); default ``len(data.dataset)`` or a count.
+
+    Example
+    -------
+    >>> fn = lambda a, b: features.pool(a(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+    ...                                   output_hidden_states=True), b["attention_mask"], "cls")
+    >>> model = fit_polar_vbll(PolarAdapter(peft_model), loader, fn, 2, epochs=3)  # doctest: +SKIP
+    """
+    if alternate not in ALTERNATES:
+        raise ValueError(f"alternate must be one of {ALTERNATES}, got {alternate!r}")
+    if epochs < 1 or inner_steps < 1:
+        raise ValueError(f"epochs and inner_steps must be >= 1, got {epochs}, {inner_steps}")
+    labels_fn = labels_fn or default_labels
+    torch.manual_seed(seed)  # DataLoader shuffling and the head's minibatch order
+    first = next(iter(data), None)
+    if first is None:
+        raise ValueError("the data yielded no batch: the dataset is empty")
+    n = num_data or _count(data, labels_fn)
+    with torch.no_grad(), _train_mode(_backbone(adapter), dropout):
+        f0 = _features(features_fn, adapter, first)
+    head = VBLLClassification(f0.shape[1], num_classes, prior_scale=prior_scale, cov=cov, num_data=n,
+                              seed=seed).to(f0.device)
+    fitter = _Fitter(adapter, head, features_fn, labels_fn, lr, vbll_lr, method, lam, inner_steps)
+    t0 = time.perf_counter()
+    total = epochs * len(data) if hasattr(data, "__len__") else None
+    bar = tqdm(total=total, disable=not progress, desc="fit polar-vbll", leave=False)
+    with _train_mode(_backbone(adapter), dropout), contextlib.closing(bar):
+        for _ in range(epochs):
+            if alternate == "epoch":
+                fitter.head_block(data)
+            for batch in data:
+                fitter.step(batch, head_first=alternate == "step")
+                bar.update(1)
+                bar.set_postfix(loss=f"{fitter.losses[-1]:.4g}")
+    if hasattr(adapter, "write_to_peft"):
+        adapter.write_to_peft()
+    config = dict(num_classes=num_classes, epochs=epochs, lr=lr, vbll_lr=vbll_lr, method=method,
+                  alternate=alternate, inner_steps=inner_steps, lam=lam, num_data=n, seed=seed)
+    return PolarVBLL(adapter, head, features_fn, dropout=dropout, losses=fitter.losses,
+                     head_losses=fitter.head_losses, fit_seconds=time.perf_counter() - t0, config=config)
+
+
+def _count(data, labels_fn) -> int:
+    dataset = getattr(data, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    return sum(len(labels_fn(b)) for b in data)
+
+
+class _Fitter:
+    """The two blocks and their optimisers."""
+
+    def __init__(self, adapter, head, features_fn, labels_fn, lr, vbll_lr, method, lam, inner_steps):
+        self.adapter, self.head, self.features_fn, self.labels_fn = adapter, head, features_fn, labels_fn
+        self.inner_steps = inner_steps
+        self.backbone_opt = PolarOptimizer(
+            [dict(params=adapter.stiefel_parameters(), stiefel=True),
+             dict(params=adapter.euclidean_parameters(), stiefel=False)],
+            lr=lr, method=method, lam=lam)
+        self.head_opt = torch.optim.Adam(head.parameters(), lr=vbll_lr)
+        self.losses: list[float] = []
+        self.head_losses: list[float] = []
+
+    def _head_step(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        self.head_opt.zero_grad(set_to_none=True)
+        loss = self.head.loss(f, y)
+        loss.backward()
+        self.head_opt.step()
+        self.head_losses.append(float(loss.detach()))
+
+    def head_block(self, data) -> None:
+        """Features of every batch under the current backbone, then ``inner_steps`` passes."""
+        with torch.no_grad():
+            cache = [(_features(self.features_fn, self.adapter, b, self.head.in_features),
+                      self.labels_fn(b)) for b in data]
+        for _ in range(self.inner_steps):
+            for i in torch.randperm(len(cache)).tolist():
+                self._head_step(*cache[i])
+
+    def step(self, batch, head_first: bool) -> None:
+        """One backbone step (head fixed), after ``inner_steps`` head steps if ``head_first``."""
+        f = _features(self.features_fn, self.adapter, batch, self.head.in_features)
+        y = self.labels_fn(batch)
+        if head_first:
+            for _ in range(self.inner_steps):
+                self._head_step(f.detach(), y)
+        self.backbone_opt.zero_grad(set_to_none=True)
+        self.head.requires_grad_(False)
+        try:
+            loss = self.head.loss(f, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {float(loss.detach())} at step {len(self.losses)}; "
+                                         "lower lr or check the data")
+            loss.backward()
+        finally:
+            self.head.requires_grad_(True)
+        self.backbone_opt.step()
+        self.losses.append(float(loss.detach()))
