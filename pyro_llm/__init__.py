@@ -3,54 +3,89 @@
 LoRA adapter matrices of a peft model become Pyro random sites (:class:`BayesianLoRA`);
 one Pyro model function holds the adapter prior, the LLM forward pass and the likelihoods;
 :func:`fit_svi` fits it, :func:`predict_probs` predicts under posterior draws, and
-:func:`to_arviz` hands the result to ArviZ; :func:`regress` uses the LLM's output as a
-covariate or outcome of a regression with honest intervals (:mod:`pyro_llm.regression`).
+:func:`to_arviz` hands the result to ArviZ. The other posteriors over the same sites:
+:func:`fit_laplace`, :func:`fit_ensemble`, :func:`fit_blob`, :func:`fit_polar_vbll` (on a
+:class:`PolarAdapter`), with :func:`fit_temperature` and :func:`mc_dropout_predict` as
+baselines; :func:`regress` uses the LLM's output as a covariate or outcome of a regression
+with honest intervals (:mod:`pyro_llm.regression`).
 """
 
-from . import data, features, likelihoods, metrics, models, plots, priors, regression
+from . import data, diagnostics, features, likelihoods, metrics, models, plots, priors, regression, vbll
 from .arviz_io import to_arviz
 from .infer import (
+    BLoBResult,
     EarlyStopping,
+    EnsemblePosterior,
     FitResult,
     LaplacePosterior,
+    PolarVBLL,
+    TemperatureScaling,
+    fit_blob,
+    fit_ensemble,
     fit_laplace,
     fit_map,
+    fit_polar,
+    fit_polar_vbll,
     fit_svi,
+    fit_temperature,
+    load_ensemble,
     load_laplace,
+    load_polar_vbll,
     make_guide,
+    mc_dropout_predict,
     scale_lr,
 )
 from .lora import BayesianLoRA, find_lora_parameters
+from .polar import PolarAdapter, polar_optimizer
 from .posterior import GuidePosterior, Posterior, predict_probs, stack_draws
 from .regression import RegressionResult, regress
+from .vbll import VBLLClassification, VBLLRegression
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BayesianLoRA",
+    "BLoBResult",
     "EarlyStopping",
+    "EnsemblePosterior",
     "FitResult",
-    "LaplacePosterior",
     "GuidePosterior",
+    "LaplacePosterior",
+    "PolarAdapter",
+    "PolarVBLL",
     "Posterior",
+    "RegressionResult",
+    "TemperatureScaling",
+    "VBLLClassification",
+    "VBLLRegression",
     "data",
+    "diagnostics",
     "features",
     "find_lora_parameters",
+    "fit_blob",
+    "fit_ensemble",
     "fit_laplace",
     "fit_map",
+    "fit_polar",
+    "fit_polar_vbll",
     "fit_svi",
+    "fit_temperature",
     "likelihoods",
+    "load_ensemble",
     "load_laplace",
+    "load_polar_vbll",
     "make_guide",
+    "mc_dropout_predict",
     "metrics",
     "models",
     "plots",
+    "polar_optimizer",
     "predict_probs",
     "priors",
     "regress",
     "regression",
-    "RegressionResult",
     "scale_lr",
     "stack_draws",
     "to_arviz",
+    "vbll",
 ]

@@ -11,9 +11,9 @@ from conftest import mlp_base, mlp_peft, tiny_transformer, token_batch
 
 from pyro_llm import BayesianLoRA
 from pyro_llm.infer.laplace import fit_laplace
+from pyro_llm.infer.polar_fit import fit_polar
 from pyro_llm.polar import (
     PolarAdapter,
-    fit_polar,
     landing_bound,
     landing_field,
     orthogonality_error,

@@ -1,7 +1,17 @@
-"""Fitting: SVI over Pyro models and the plain MAP baseline, with one result record."""
+"""Fitting: SVI, the plain MAP baseline, and the other posteriors over the same named sites:
+post-hoc Laplace, LoRA ensembles, BLoB, PoLAR-VBLL, and the temperature-scaling and MC-dropout
+baselines."""
 
+from .baselines import TemperatureScaling, collect_logits, fit_temperature, mc_dropout_predict
+from .blob import BLoBGuide, BLoBResult, fit_blob, kl_weights
+from .ensemble import EnsemblePosterior, fit_ensemble, load_ensemble
 from .laplace import LaplacePosterior, fit_laplace, load_laplace
+from .polar_fit import fit_polar
+from .polar_vbll import PolarVBLL, fit_polar_vbll, load_polar_vbll
 from .svi import EarlyStopping, FitResult, fit_map, fit_svi, make_guide, scale_lr
 
-__all__ = ["EarlyStopping", "FitResult", "LaplacePosterior", "fit_laplace", "fit_map", "fit_svi",
-           "load_laplace", "make_guide", "scale_lr"]
+__all__ = ["BLoBGuide", "BLoBResult", "EarlyStopping", "EnsemblePosterior", "FitResult",
+           "LaplacePosterior", "PolarVBLL", "TemperatureScaling", "collect_logits", "fit_blob",
+           "fit_ensemble", "fit_laplace", "fit_map", "fit_polar", "fit_polar_vbll", "fit_svi",
+           "fit_temperature", "kl_weights", "load_ensemble", "load_laplace", "load_polar_vbll",
+           "make_guide", "mc_dropout_predict", "scale_lr"]
