@@ -22,8 +22,6 @@ processes may train disjoint ``members=range(a, b)`` slices into one ``out_dir``
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,17 +33,24 @@ from tqdm.auto import tqdm
 from .. import metrics
 from ..posterior import Draw, Posterior
 from . import svi
+from .ensemble_io import (
+    _INFO,
+    _VERSION,
+    _check_names,
+    _check_or_write_settings,
+    _describe,
+    _full_seeds,
+    _load_member,
+    _member_file,
+    _remove_checkpoint,
+    _save_member,
+    _write_json,
+)
 from .laplace.capture import default_logits
 
 __all__ = ["EnsemblePosterior", "fit_ensemble", "load_ensemble", "uncertainty"]
 
-_INFO = "ensemble.json"
-_VERSION = 1
 _LORA_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
-
-
-def _member_file(k: int) -> str:
-    return f"member_{k:03d}.safetensors"
 
 
 # ---------------------------------------------------------------------------- posterior
@@ -406,91 +411,3 @@ class _restored:
         _write(self.model, self.before)
         for m, t in self.modes:
             m.training = t
-
-
-def _describe(v):
-    """A JSON-able record of a setting: plain values as they are, callables by qualified name."""
-    if isinstance(v, Mapping):
-        return {str(k): _describe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_describe(x) for x in v]
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else str(v)
-    if callable(v) and hasattr(v, "__qualname__"):
-        return f"{getattr(v, '__module__', '')}.{v.__qualname__}"
-    return type(v).__name__
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _check_or_write_settings(out: Path, settings: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    f = out / _INFO
-    if f.exists():
-        saved, now = _flat(json.loads(f.read_text())), _flat(settings)
-        diff = [k for k in now if saved.get(k) != now[k]]
-        if diff:
-            k = diff[0]
-            raise ValueError(f"{out} holds an ensemble fitted with other settings: {k} was "
-                             f"{saved.get(k)!r}, now {now[k]!r} (differing: {diff}); use a fresh "
-                             "out_dir or the same settings")
-        return
-    _write_json(f, {"version": _VERSION, **settings})
-
-
-def _flat(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-    return out
-
-
-def _save_member(out: Path, k: int, member: Mapping[str, torch.Tensor], info: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {n: v.detach().cpu().contiguous() for n, v in member.items()}
-    tmp = out / f".{_member_file(k)}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"info": json.dumps(_describe(info))})
-    os.replace(tmp, out / _member_file(k))
-
-
-def _load_member(f: Path, params: Mapping[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(f), framework="pt") as fh:
-        member = {n: fh.get_tensor(n) if p is None else fh.get_tensor(n).to(device=p.device, dtype=p.dtype)
-                  for n, p in params.items()}
-        info = json.loads((fh.metadata() or {}).get("info", "{}"))
-    return member, info
-
-
-def _remove_checkpoint(ckpt: str) -> None:
-    d = Path(ckpt)
-    for f in d.glob("*"):
-        f.unlink()
-    if d.exists():
-        d.rmdir()
-
-
-def _full_seeds(indices, seeds, n) -> list:
-    out = [None] * n
-    for k, s in zip(indices, seeds, strict=True):
-        out[k] = s
-    return out
-
-
-def _check_names(model, meta, path) -> None:
-    params = dict(model.named_parameters())
-    for n, shape in zip(meta["names"], meta["shapes"], strict=True):
-        if n not in params:
-            raise ValueError(f"{path}: the model has no parameter {n!r}; load the ensemble with the peft "
-                             "model (same adapter and modules_to_save) it was fitted on")
-        if list(params[n].shape) != list(shape):
-            raise ValueError(f"{path}: {n!r} has shape {shape} in the ensemble, "
-                             f"{list(params[n].shape)} in the model")
