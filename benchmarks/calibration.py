@@ -287,9 +287,16 @@ def run_temperature(s: Setting, args) -> Output:
                                                  "base_fit_s": s.map_fit_s}, ood_probs=ood)
 
 
+class NotApplicable(Exception):
+    """A method that does not apply to a setting (no row is written, the run goes on)."""
+
+
 def run_mc_dropout(s: Setting, args) -> Output:
     """MC dropout on the MAP model: the backbone's own dropout layers on at prediction."""
-    from pyro_llm.infer.baselines import mc_dropout_predict
+    from pyro_llm.infer.baselines import _active_dropouts, mc_dropout_predict
+
+    if not _active_dropouts(s.peft_model):
+        raise NotApplicable(f"{MODEL_NAMES[s.model]} with this adapter has no dropout layer with p > 0")
 
     pred = lambda dl: mc_dropout_predict(s.peft_model, dl, args.mc_samples, logits_fn=s.logits_fn,  # noqa: E731
                                          progress=args.progress, seed=s.seed)
@@ -587,7 +594,11 @@ def run_setting(model, n_train, seed, size, args, rows, done) -> None:
         rss = s.info["rss_start_mb"] if method == "map" else _rss_mb()
         if method != "map":
             _reset_peak()
-        out = METHODS[method](s, args)
+        try:
+            out = METHODS[method](s, args)
+        except NotApplicable as e:
+            _log(f"{tag}: {method} skipped: {e}")
+            continue
         outputs[method] = out
         peak = _peak_mb() if method != "map" else max(s.map_peak_mb, _peak_mb())
         row = make_row(s, method, out, cfg, peak)

@@ -141,3 +141,18 @@ def test_tiny_bert_sequence_classifier():
     p = m.predict(data, progress=False)
     assert p.shape == (8, 2) and m.head.in_features == 32
     torch.testing.assert_close(p.sum(-1), torch.ones(8))
+
+
+def test_a_posterior_over_the_last_layer_for_arviz():
+    from pyro_llm import Posterior, to_arviz
+
+    m = fit_polar_vbll(_adapter(), _data(), _features, C, epochs=2, lr=0.02, progress=False)
+    assert isinstance(m, Posterior)
+    draws = m.sample(2000, torch.Generator().manual_seed(0))
+    w = torch.stack([d[m.SITE] for d in draws])
+    assert w.shape == (2000, C, D_FEAT)
+    # the draws have q(W)'s mean: per entry within 5 Monte Carlo standard errors
+    se = w.std(0) / 2000 ** 0.5
+    assert ((w.mean(0) - m.mean()[m.SITE]).abs() < 5 * se).all()
+    idata = to_arviz(m, num_samples=8)
+    assert idata.posterior[m.SITE].shape == (1, 8, C, D_FEAT)

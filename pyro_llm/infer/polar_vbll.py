@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..lora import _train_mode
 from ..polar import PolarOptimizer
+from ..posterior import Draw, Posterior
 from ..vbll import VBLLClassification, load_head, save_head
 
 __all__ = ["PolarVBLL", "fit_polar_vbll", "load_polar_vbll"]
@@ -63,12 +64,16 @@ def _backbone(adapter: torch.nn.Module) -> torch.nn.Module:
     return getattr(adapter, "peft_model", adapter)
 
 
-class PolarVBLL:
+class PolarVBLL(Posterior):
     """A fitted PoLAR-VBLL model: the adapter (backbone), the VBLL head and the fit record.
 
     Attributes: ``adapter``, ``head`` (:class:`~pyro_llm.vbll.VBLLClassification`),
     ``features_fn``, ``losses`` (backbone-block loss per step), ``head_losses`` (head-block
     loss per step), ``fit_seconds``, ``config`` (the fit's settings).
+
+    As a :class:`~pyro_llm.Posterior` its one random site is the last layer's weight matrix,
+    ``SITE`` (``(C, D)``); the adapter is a point estimate. So ``to_arviz(model, num_samples=S)``
+    exports draws of it, as for the other posteriors.
 
     Example
     -------
@@ -76,11 +81,23 @@ class PolarVBLL:
     >>> draws = model.predict_samples(test_loader, 16)  # (16, N, C), for mutual information  # doctest: +SKIP
     """
 
+    SITE = "last_layer.weight"
+
     def __init__(self, adapter, head: VBLLClassification, features_fn: Callable, *, dropout=False,
                  losses=(), head_losses=(), fit_seconds=0.0, config=None):
         self.adapter, self.head, self.features_fn, self.dropout = adapter, head, features_fn, dropout
         self.losses, self.head_losses = tuple(losses), tuple(head_losses)
         self.fit_seconds, self.config = fit_seconds, dict(config or {})
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> list[Draw]:
+        """``num_samples`` draws of the head's weights from q(W): ``[{SITE: (C, D)}]``."""
+        w = self.head.sample_weights(num_samples, generator)
+        return [{self.SITE: wi} for wi in w]
+
+    def mean(self) -> Draw:
+        """The mean of q(W)."""
+        return {self.SITE: self.head.mean.detach().clone()}
 
     @torch.no_grad()
     def features(self, data: Iterable, progress: bool = True) -> torch.Tensor:
