@@ -21,6 +21,17 @@ __all__ = ["reliability_diagram", "elbo_trace", "selective_prediction", "entropy
            "stable_rank_plot"]
 
 
+def _palette(names) -> dict:
+    """One distinct colour per name: matplotlib's tab10 up to 10 names, tab20 up to 20."""
+    from matplotlib import colormaps
+
+    names = list(names)
+    if len(names) <= 10:
+        return {n: f"C{i}" for i, n in enumerate(names)}
+    cmap = colormaps["tab20"]
+    return {n: cmap(i % 20) for i, n in enumerate(names)}
+
+
 def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120, bbox_inches="tight")
@@ -62,12 +73,13 @@ def reliability_diagram(
     fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    colors = _palette(probs_by_method)
     for name, probs in probs_by_method.items():
         probs = torch.as_tensor(probs).detach().cpu().double()
         conf, acc, count = reliability_bins(probs, y, n_bins)
         keep = count > 0
         err = float(ece(probs, y, n_bins))
-        line, = ax.plot(conf[keep].numpy(), acc[keep].numpy(), marker="o", ms=0,
+        line, = ax.plot(conf[keep].numpy(), acc[keep].numpy(), marker="o", ms=0, color=colors[name],
                         label=f"{name} (ECE {err:.3f})")
         sizes = 200 * (count[keep] / count.sum()).numpy() + 10
         ax.scatter(conf[keep].numpy(), acc[keep].numpy(), s=sizes, color=line.get_color())
@@ -192,7 +204,7 @@ def selective_prediction(
     split = {n: _mean_and_samples(p, n) for n, p in probs_by_method.items()}
     if min_kept < 1:
         raise ValueError(f"min_kept must be >= 1, got {min_kept}")
-    colors = {n: f"C{i % 10}" for i, n in enumerate(split)}  # one colour per method throughout
+    colors = _palette(split)  # one colour per method throughout
     panels = {"predictive entropy": {n: (m, entropy(m)) for n, (m, _) in split.items()}}
     mi = {n: (m, mutual_information(s)) for n, (m, s) in split.items() if s is not None}
     if mi:

@@ -183,3 +183,17 @@ def test_stable_rank_plot(tmp_path):
     assert ax.get_lines()[0].get_ydata()[0] == 4  # the LoRA rank r
     with pytest.raises(ValueError, match="empty"):
         stable_rank_plot({})
+
+
+def test_many_methods_get_distinct_colours():
+    from matplotlib.colors import to_rgba
+
+    from pyro_llm.plots import reliability_diagram
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (50,), generator=g)
+    probs = {f"m{i}": torch.softmax(torch.randn(50, 2, generator=g), -1) for i in range(13)}
+    fig = reliability_diagram(probs, y)
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("m")]
+    assert len(lines) == 13
+    assert len({to_rgba(ln.get_color()) for ln in lines}) == 13
