@@ -156,3 +156,22 @@ def test_a_posterior_over_the_last_layer_for_arviz():
     assert ((w.mean(0) - m.mean()[m.SITE]).abs() < 5 * se).all()
     idata = to_arviz(m, num_samples=8)
     assert idata.posterior[m.SITE].shape == (1, 8, C, D_FEAT)
+
+
+def test_features_are_normalised_so_their_scale_does_not_matter(tmp_path):
+    """A decoder's hidden states have norms of tens: the fit divides them by the first batch's
+    mean norm, so features x 100 give the same model (up to float round-off), saved and loaded."""
+    data = _data()
+    big = lambda adapter, batch: 100.0 * _features(adapter, batch)  # noqa: E731
+    m1 = fit_polar_vbll(_adapter(), data, _features, C, epochs=2, lr=0.02, progress=False)
+    m100 = fit_polar_vbll(_adapter(), data, big, C, epochs=2, lr=0.02, progress=False)
+    assert m100.config["feature_scale"] == pytest.approx(m1.config["feature_scale"] / 100, rel=1e-5)
+    p1, p100 = m1.predict(data, progress=False), m100.predict(data, progress=False)
+    torch.testing.assert_close(p100, p1, atol=1e-4, rtol=0)
+    m100.save(tmp_path / "pv")
+    back = load_polar_vbll(tmp_path / "pv", _adapter(seed=5), big)
+    torch.testing.assert_close(back.predict(data, progress=False), p100)
+    # without the normalisation the x100 features give another (much more confident) model
+    raw = fit_polar_vbll(_adapter(), data, big, C, epochs=2, lr=0.02, normalize_features=False,
+                         progress=False)
+    assert (raw.predict(data, progress=False) - p1).abs().max() > 0.05

@@ -171,7 +171,8 @@ def load_polar_vbll(path, adapter: torch.nn.Module, features_fn: Callable) -> Po
         adapter.write_to_peft()
     meta = json.loads((path / _META).read_text())
     device = current[next(iter(current))].device if current else None
-    return PolarVBLL(adapter, load_head(path / "head", device=device), features_fn,
+    scaled = _Scaled(features_fn, meta["config"].get("feature_scale", 1.0))
+    return PolarVBLL(adapter, load_head(path / "head", device=device), scaled,
                      dropout=meta["dropout"], losses=meta["losses"], head_losses=meta["head_losses"],
                      fit_seconds=meta["fit_seconds"], config=meta["config"])
 
@@ -180,6 +181,16 @@ def _adapter_tensors(adapter, live: bool = False) -> dict[str, torch.Tensor]:
     groups = (("stiefel", adapter.stiefel_parameters()), ("euclidean", adapter.euclidean_parameters()))
     return {f"{g}.{i}": (p if live else p.detach().cpu().contiguous())
             for g, ps in groups for i, p in enumerate(ps)}
+
+
+class _Scaled:
+    """``features_fn`` times a fixed ``scale`` (the feature normalisation of :func:`fit_polar_vbll`)."""
+
+    def __init__(self, features_fn: Callable, scale: float):
+        self.features_fn, self.scale = features_fn, float(scale)
+
+    def __call__(self, adapter, batch) -> torch.Tensor:
+        return self.features_fn(adapter, batch) * self.scale
 
 
 def _features(features_fn, adapter, batch, dim: int | None = None) -> torch.Tensor:
@@ -205,8 +216,8 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
                    epochs: int = 1, lr: float = 1e-3, vbll_lr: float = 1e-2, method: str = "landing",
                    alternate: str = "epoch", inner_steps: int = 1, prior_scale: float = 1.0,
                    cov: str = "dense", num_data: int | None = None, labels_fn: Callable | None = None,
-                   lam: float = 1.0, dropout: bool = False, progress: bool = True,
-                   seed: int = 0) -> PolarVBLL:
+                   lam: float = 1.0, dropout: bool = False, normalize_features: bool = True,
+                   progress: bool = True, seed: int = 0) -> PolarVBLL:
     """Fit PoLAR-VBLL by alternating optimisation (see the module docstring for the blocks).
 
     Parameters
@@ -223,6 +234,14 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
         a backbone pass) or ``"step"`` (``inner_steps`` head steps, then one backbone step, per batch).
     prior_scale, cov: the head's prior standard deviation and covariance structure.
     num_data: training-set size N (KL weight 1/N); default ``len(data.dataset)`` or a count.
+    normalize_features: divide the features by one fixed number, the mean L2 norm of the first
+        batch's features under the initial backbone, kept in ``config["feature_scale"]`` and
+        used at prediction too. A decoder's hidden states have norms of tens (SmolLM2: about
+        45 over 576 dimensions), which makes the head's prior (sd ``prior_scale`` per weight)
+        a prior of logit sd about 45 and every Adam step of the head move the logits by up to
+        ``vbll_lr`` times the features' L1 norm; with unit-norm features the prior's logit sd
+        is about ``prior_scale`` whatever the backbone (the reference VBLL code scales its
+        prior variance by 1/D for the same reason).
 
     Example
     -------
@@ -242,6 +261,14 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
     n = num_data or _count(data, labels_fn)
     with torch.no_grad(), _train_mode(_backbone(adapter), dropout):
         f0 = _features(features_fn, adapter, first)
+    scale = 1.0
+    if normalize_features:
+        norm = float(f0.float().norm(dim=-1).mean())
+        if not norm > 0 or not torch.isfinite(torch.tensor(norm)):
+            raise ValueError(f"the first batch's features have mean norm {norm}; check features_fn")
+        scale = 1.0 / norm
+    features_fn = _Scaled(features_fn, scale)
+    f0 = f0 * scale
     head = VBLLClassification(f0.shape[1], num_classes, prior_scale=prior_scale, cov=cov, num_data=n,
                               seed=seed).to(f0.device)
     fitter = _Fitter(adapter, head, features_fn, labels_fn, lr, vbll_lr, method, lam, inner_steps)
@@ -259,7 +286,8 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
     if hasattr(adapter, "write_to_peft"):
         adapter.write_to_peft()
     config = dict(num_classes=num_classes, epochs=epochs, lr=lr, vbll_lr=vbll_lr, method=method,
-                  alternate=alternate, inner_steps=inner_steps, lam=lam, num_data=n, seed=seed)
+                  alternate=alternate, inner_steps=inner_steps, lam=lam, num_data=n, seed=seed,
+                  feature_scale=scale)
     return PolarVBLL(adapter, head, features_fn, dropout=dropout, losses=fitter.losses,
                      head_losses=fitter.head_losses, fit_seconds=time.perf_counter() - t0, config=config)
 
