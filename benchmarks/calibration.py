@@ -13,7 +13,8 @@ out-of-distribution texts (UK House of Commons speeches): MAP; temperature scali
 ``n_val`` further labelled reviews); MC dropout; a LoRA ensemble (the MAP fit is member 0; M = 5,
 and 10 / 20 on request, sharing members); Laplace-LoRA (KFAC, low-rank KFAC, diagonal, last
 layer); SVI Bayesian LoRA started at the MAP adapter; BLoB and PoLAR-VBLL, which train their own
-adapters from a fresh model with the MAP's epochs and learning rate. One JSON row per
+adapters from a fresh model for the MAP's epochs (PoLAR-VBLL at the MAP's learning rate, BLoB at
+``BLOB_LR``, chosen on the validation reviews). One JSON row per
 (setting, method), written to ``--out`` as soon as it is done; ``--resume`` keeps the rows
 already there (same sizes and options) and runs only the missing ones. The AUROC columns score
 in- vs out-of-distribution by predictive entropy and (methods with draws) mutual information.
