@@ -315,7 +315,7 @@ def run_ensemble(s: Setting, args, m: int = 5) -> Output:
     Members are cached on the setting, so M = 5, 10, 20 share their first members and predictions."""
     import torch
 
-    from pyro_llm.infer.ensemble import fit_ensemble
+    from pyro_llm.infer.ensemble import EnsemblePosterior, fit_ensemble
 
     cache = s.info.setdefault("ensemble", {"members": [_trainable(s.peft_model)], "fit_s": [s.map_fit_s],
                                            "test": [], "ood": [], "predict_s": []})
@@ -330,8 +330,6 @@ def run_ensemble(s: Setting, args, m: int = 5) -> Output:
         per = (time.perf_counter() - t0) / (m - have)
         cache["members"] += list(ens.members)
         cache["fit_s"] += [per] * (m - have)
-    from pyro_llm.infer.ensemble import EnsemblePosterior
-
     for k in range(len(cache["test"]), m):
         one = EnsemblePosterior([cache["members"][k]], peft_model=s.peft_model)
         test, ood, predict_s = _both(s, partial(one.predict, logits_fn=s.logits_fn, progress=args.progress))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from ..lora import _train_mode
 from ..polar import PolarOptimizer
 from ..posterior import Draw, Posterior
 from ..vbll import VBLLClassification, load_head, save_head
+from .laplace.capture import default_labels as _read_labels
 
 __all__ = ["PolarVBLL", "fit_polar_vbll", "load_polar_vbll"]
 
@@ -50,14 +51,13 @@ _ADAPTER, _META = "adapter.safetensors", "polar_vbll.json"
 
 
 def default_labels(batch) -> torch.Tensor:
-    """``batch["labels"]`` for a mapping, the last element of a tuple or list."""
-    if isinstance(batch, Mapping):
-        if "labels" not in batch:
-            raise KeyError(f"batch has no 'labels' (keys {sorted(batch)}); pass labels_fn=")
-        return batch["labels"]
-    if isinstance(batch, (tuple, list)):
-        return batch[-1]
-    raise TypeError(f"cannot find labels in a {type(batch).__name__} batch; pass labels_fn=")
+    """``batch["labels"]`` of a dict batch, ``y`` of an ``(x, y)`` tuple (the shared reader of
+    :mod:`~pyro_llm.infer.laplace.capture`), or a clear error."""
+    y = _read_labels(batch)
+    if y is None:
+        raise ValueError(f"cannot find labels in a {type(batch).__name__} batch (dict batches need "
+                         "'labels'); pass labels_fn=")
+    return y
 
 
 def _backbone(adapter: torch.nn.Module) -> torch.nn.Module:

@@ -258,7 +258,9 @@ def fit_map(
 
 
 def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_decay,
-         clip_norm, checkpoint, checkpoint_every, early_stopping, progress, seed) -> FitResult:
+         clip_norm, checkpoint, checkpoint_every, early_stopping, progress, seed,
+         optim: torch.optim.Optimizer | None = None) -> FitResult:
+    """The training loop every fit shares; ``optim`` over ``params`` (default: AdamW)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     n_batches = len(data) if hasattr(data, "__len__") else None
@@ -267,8 +269,9 @@ def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_
     total = epochs * n_batches if n_batches else None
     if max_steps is not None:
         total = min(total, max_steps) if total else max_steps
-    optim = torch.optim.AdamW(_param_groups(params, lr), lr=_lr_of(lr, ""),
-                              weight_decay=weight_decay)
+    if optim is None:
+        optim = torch.optim.AdamW(_param_groups(params, lr), lr=_lr_of(lr, ""),
+                                  weight_decay=weight_decay)
     state = _LoopState()
     if checkpoint:
         meta = load_checkpoint(checkpoint, params, optim)
