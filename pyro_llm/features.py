@@ -46,26 +46,30 @@ def pool(output, attention_mask: torch.Tensor, method: str = "mean", layer: int 
 
     ``method``: ``"mean"`` over attended tokens, ``"cls"`` (first token) or ``"last"``
     (last attended token, for decoders). ``layer`` picks a hidden-state layer when the
-    output carries ``hidden_states``.
+    output carries ``hidden_states``. Leading draw dimensions (``(S, B, T, H)`` from a
+    sample-batched forward) are kept: ``(S, B, H)``.
     """
     h = _hidden(output, layer)
-    if h.dim() != 3 or h.shape[:2] != attention_mask.shape:
+    if h.dim() < 3 or h.shape[-3:-1] != attention_mask.shape:
         raise ValueError(f"hidden states {tuple(h.shape)} do not match attention_mask "
                          f"{tuple(attention_mask.shape)}")
     if method == "mean":
         m = attention_mask.to(h.dtype).unsqueeze(-1)
-        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return (h * m).sum(-2) / m.sum(-2).clamp_min(1.0)
     if method == "cls":
-        return h[:, 0]
+        return h[..., 0, :]
     if method == "last":
-        return h[torch.arange(h.shape[0], device=h.device), last_token_index(attention_mask)]
+        rows = torch.arange(h.shape[-3], device=h.device)
+        return h[..., rows, last_token_index(attention_mask), :]
     raise ValueError(f"unknown pooling {method!r}; choose 'mean', 'cls' or 'last'")
 
 
 def class_logits(output) -> torch.Tensor:
-    """Logits ``(B, C)`` of a sequence-classification output."""
+    """Logits ``(B, C)`` of a sequence classifier (``(S, B, C)`` for the output of a
+    sample-batched forward, which carries its ``sample_shape``)."""
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
-    if logits is None or logits.dim() != 2:
+    dims = 2 + len(getattr(output, "sample_shape", ()))
+    if logits is None or logits.dim() != dims:
         raise ValueError("expected (batch, classes) logits; is this a sequence classifier? "
                          "For a causal LM use label_token_logits")
     return logits
@@ -73,15 +77,17 @@ def class_logits(output) -> torch.Tensor:
 
 def label_token_logits(output, attention_mask: torch.Tensor, token_ids: Sequence[int] | torch.Tensor
                        ) -> torch.Tensor:
-    """Next-token logits at the last attended position, restricted to ``token_ids``: ``(B, K)``."""
+    """Next-token logits at the last attended position, restricted to ``token_ids``: ``(B, K)``
+    (``(S, B, K)`` under stacked draws)."""
     logits = output if isinstance(output, torch.Tensor) else output.logits
-    if logits.dim() != 3:
+    if logits.dim() < 3:
         raise ValueError(f"expected causal-LM logits (batch, seq, vocab), got {tuple(logits.shape)}")
     ids = torch.as_tensor(token_ids, device=logits.device, dtype=torch.long)
     if ids.numel() < 2 or int(ids.max()) >= logits.shape[-1] or int(ids.min()) < 0:
         raise ValueError(f"token_ids must be >= 2 ids in [0, {logits.shape[-1]}), got {ids.tolist()}")
     last = last_token_index(attention_mask)
-    return logits[torch.arange(logits.shape[0], device=logits.device), last][:, ids]
+    rows = torch.arange(logits.shape[-3], device=logits.device)
+    return logits[..., rows, last, :][..., ids]
 
 
 @dataclass

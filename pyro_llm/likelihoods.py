@@ -14,6 +14,15 @@ import torch
 __all__ = ["categorical", "gaussian_regression"]
 
 
+def _draw_plates() -> int:
+    """How many plates over draws (vectorised particles, parallel Predictive) are active."""
+    from pyro.poutine.indep_messenger import IndepMessenger
+    from pyro.poutine.runtime import _PYRO_STACK
+
+    names = ("num_particles_vectorized", "_num_predictive_samples")
+    return sum(isinstance(m, IndepMessenger) and m.name in names for m in _PYRO_STACK)
+
+
 def _check_index(index: torch.Tensor, n: int, size: int, name: str) -> None:
     if index.dim() != 1 or index.shape[0] != n:
         raise ValueError(f"{name}: index must have shape ({n},) to match the batch, "
@@ -25,16 +34,20 @@ def _check_index(index: torch.Tensor, n: int, size: int, name: str) -> None:
 
 def categorical(name: str, logits: torch.Tensor, obs: torch.Tensor | None,
                 size: int, index: torch.Tensor) -> torch.Tensor:
-    """``obs[i] ~ Categorical(logits[i])`` for the minibatch ``index`` of ``size`` points."""
-    if logits.dim() != 2:
+    """``obs[i] ~ Categorical(logits[i])`` for the minibatch ``index`` of ``size`` points.
+
+    ``logits`` is ``(batch, classes)``, or ``(particles, batch, classes)`` under Pyro's
+    vectorised particles (the draws' dimension sits left of the data plate).
+    """
+    if not 2 <= logits.dim() <= 2 + _draw_plates():
         raise ValueError(f"{name}: logits must be (batch, classes), got {tuple(logits.shape)}")
-    _check_index(index, logits.shape[0], size, name)
+    n, c = logits.shape[-2:]
+    _check_index(index, n, size, name)
     if obs is not None:
-        if obs.shape != logits.shape[:1]:
-            raise ValueError(f"{name}: labels must have shape ({logits.shape[0]},), "
-                             f"got {tuple(obs.shape)}")
-        if obs.numel() and (int(obs.min()) < 0 or int(obs.max()) >= logits.shape[1]):
-            raise ValueError(f"{name}: labels must lie in [0, {logits.shape[1] - 1}], got "
+        if obs.shape != (n,):
+            raise ValueError(f"{name}: labels must have shape ({n},), got {tuple(obs.shape)}")
+        if obs.numel() and (int(obs.min()) < 0 or int(obs.max()) >= c):
+            raise ValueError(f"{name}: labels must lie in [0, {c - 1}], got "
                              f"[{int(obs.min())}, {int(obs.max())}]")
     with pyro.plate(f"{name}_data", size=size, subsample=index):
         return pyro.sample(name, dist.Categorical(logits=logits), obs=obs)

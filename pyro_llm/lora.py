@@ -9,6 +9,15 @@ point estimates, and the backbone runs with those tensors injected through
 ``save_pretrained`` keeps working; :meth:`BayesianLoRA.write_to_peft` writes a posterior
 mean or a draw back into the peft model, to be saved the usual way.
 
+Many draws in one pass
+----------------------
+Draws may arrive stacked: condition the sites on ``(S, *shape)`` tensors (a posterior's
+``stack_draws``, Pyro's vectorised particles or ``Predictive(parallel=True)``) and one call
+evaluates all S adapters in a single forward, with outputs ``(S, N, ...)``; the frozen blocks
+below the lowest random adapter run once per input, not once per draw, and a
+:class:`~pyro_llm.prefix_cache.PrefixCache` keeps them between calls (see
+:mod:`pyro_llm.batched`).
+
 Dropout
 -------
 By default the backbone runs in eval mode, so ``lora_dropout`` (and every other dropout
@@ -29,6 +38,7 @@ from pyro.nn import PyroModule, PyroSample
 from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 
+from . import batched as _batched
 from .priors import AdapterPrior, as_prior, select
 
 __all__ = ["BayesianLoRA", "find_lora_parameters"]
@@ -84,8 +94,13 @@ def find_lora_parameters(model: torch.nn.Module, adapter_name: str | None = None
     return names
 
 
+# plates that vectorise over draws (Pyro's particles, Predictive(parallel=True)), not over data
+_DRAW_PLATES = ("num_particles_vectorized", "_num_predictive_samples")
+
+
 def _in_plate() -> bool:
-    return any(isinstance(m, IndepMessenger) and m.dim is not None for m in _PYRO_STACK)
+    return any(isinstance(m, IndepMessenger) and m.dim is not None and m.name not in _DRAW_PLATES
+               for m in _PYRO_STACK)
 
 
 class _Hyper:
@@ -119,6 +134,12 @@ class BayesianLoRA(PyroModule):
         Optional prefix for every site name (``prefix.<peft name>``).
     dropout:
         Run the backbone in train mode (dropout on). Default ``False``; see the module docs.
+    share_prefix:
+        Run the frozen blocks below the lowest random (or trainable) adapter once per input
+        when many draws are evaluated together (default ``True``; off with ``dropout``).
+    prefix_cache:
+        A :class:`~pyro_llm.prefix_cache.PrefixCache` that keeps those frozen activations
+        between calls (SVI epochs, repeated predictions); ``None`` keeps nothing.
 
     Example
     -------
@@ -140,6 +161,8 @@ class BayesianLoRA(PyroModule):
         adapter_name: str | None = None,
         prefix: str = "",
         dropout: bool = False,
+        share_prefix: bool = True,
+        prefix_cache=None,
     ):
         super().__init__(prefix)
         lora_names = find_lora_parameters(peft_model, adapter_name)
@@ -158,6 +181,8 @@ class BayesianLoRA(PyroModule):
         self.adapter_name = adapter
         self.prior = as_prior(prior)
         self.dropout = bool(dropout)
+        self.share_prefix = bool(share_prefix)
+        object.__setattr__(self, "prefix_cache", prefix_cache)
         self.lora_names = lora_names
         self.random_names = [n for n in trainable if predicate(n)]
         self.fixed_names = [n for n in trainable if not predicate(n)]
@@ -263,8 +288,45 @@ class BayesianLoRA(PyroModule):
                 "lora.adapter_weights() there first)"
             )
         weights = self.adapter_weights()
+        sample_shape = self._sample_shape(weights)
         with _train_mode(self._peft_model, self.dropout):
-            return torch.func.functional_call(self._peft_model, weights, args, kwargs)
+            return _batched.run(self._peft_model, self.plan, weights, sample_shape, args, kwargs,
+                                random=self.random_names,
+                                share_prefix=self.share_prefix and not self.dropout,
+                                cache=None if self.dropout else self.prefix_cache)
+
+    @property
+    def plan(self) -> _batched.Plan:
+        """Where the adapted layers sit in the backbone (its blocks, for the shared prefix)."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = _batched.plan_for(self._peft_model, self.random_names + self.fixed_names,
+                                     self.adapter_name)
+            object.__setattr__(self, "_plan", plan)
+        return plan
+
+    def _sample_shape(self, weights: Mapping[str, torch.Tensor]) -> torch.Size:
+        """Leading draw dimensions of the random tensors (trailing 1s, which Pyro's plates
+        nested inside add, dropped); ``()`` for a single draw."""
+        shapes = set()
+        for n in self.random_names:
+            w, shape = weights[n], self._shapes[n]
+            if w.dim() < len(shape) or tuple(w.shape[w.dim() - len(shape):]) != shape:
+                raise ValueError(f"{self.site_name(n)} has shape {tuple(w.shape)}; expected "
+                                 f"{shape} or (draws..., *{shape})")
+            lead = list(w.shape[: w.dim() - len(shape)])
+            while lead and lead[-1] == 1:
+                lead.pop()
+            shapes.add(tuple(lead))
+        if len(shapes) > 1:
+            raise ValueError(f"the random adapter tensors carry different draw dimensions "
+                             f"{sorted(shapes)}; stack the same number of draws for every site")
+        shape = torch.Size(shapes.pop())
+        if shape:
+            for n in self.random_names:
+                w = weights[n]
+                weights[n] = w.reshape(*shape, *self._shapes[n])
+        return shape
 
     def extra_repr(self) -> str:
         return (f"adapter={self.adapter_name!r}, random={len(self.random_names)} tensors "

@@ -9,6 +9,7 @@ knowledge of where the draw came from.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import pyro
@@ -89,6 +90,8 @@ def predict_probs(
     num_samples: int = 16,
     progress: bool = True,
     seed: int | None = 0,
+    vectorize: bool | str = "auto",
+    sample_batch: int | None = None,
 ) -> torch.Tensor:
     """Class probabilities under each posterior draw: a tensor of shape ``(S, N, C)``.
 
@@ -96,18 +99,46 @@ def predict_probs(
     passed as keywords); under each draw its random sites take the drawn values. The same S
     draws are used for every batch. With ``posterior=None``, ``fn`` runs once (S = 1): the
     point-estimate prediction. The mean over the first axis is the posterior predictive.
+
+    ``vectorize``: condition on the draws stacked, ``sample_batch`` (default all S) at a time,
+    so that a :class:`~pyro_llm.BayesianLoRA` inside ``fn`` evaluates them in one forward
+    and ``fn`` returns ``(draws, B, C)`` (see :mod:`pyro_llm.batched`). ``"auto"`` (default)
+    checks on the first batch that the stacked result has that shape and equals the first
+    draw run alone, and otherwise warns and runs the draws one at a time; ``True`` requires
+    it; ``False`` always loops.
     """
     if seed is not None:
         pyro.set_rng_seed(seed)
+    if vectorize not in (True, False, "auto"):
+        raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
     if posterior is None:
         draws: list[Draw | None] = [None]
     elif isinstance(posterior, Posterior):
         draws = posterior.sample(num_samples)
     else:
         draws = list(posterior)
+    if sample_batch is not None and sample_batch < 1:
+        raise ValueError(f"sample_batch must be >= 1, got {sample_batch}")
+    mode = vectorize if draws[0] is not None and len(draws) > 1 else False
+    groups = []
+    if mode is not False:
+        size = sample_batch or len(draws)
+        groups = [stack_draws(draws[i:i + size]) for i in range(0, len(draws), size)]
     chunks = []
     total = len(data) if hasattr(data, "__len__") else None
     for batch in tqdm(data, total=total, disable=not progress, desc="predict", leave=False):
+        if mode is not False:
+            try:
+                chunks.append(_stacked(fn, batch, groups, draws[0] if mode == "auto" else None))
+                mode = True
+                continue
+            except _NotVectorised as e:
+                if mode is True:
+                    raise ValueError(f"{e}; pass vectorize=False to run the draws one at a "
+                                     "time") from e.__cause__
+                warnings.warn(f"predict_probs: {e}; running the {len(draws)} draws one at a time "
+                              "(pass vectorize=False to skip this check)", stacklevel=2)
+                mode = False
         per_draw = []
         for d in draws:
             if d is None:
@@ -122,4 +153,33 @@ def predict_probs(
     probs = torch.cat(chunks, dim=1)
     if probs.dim() != 3:
         raise ValueError(f"fn must return (batch, classes) probabilities, got {tuple(probs.shape[1:])}")
+    return probs
+
+
+class _NotVectorised(Exception):
+    pass
+
+
+def _stacked(fn: Callable, batch, groups: list[Draw], check: Draw | None) -> torch.Tensor:
+    """``fn`` under each group of stacked draws, concatenated: ``(S, B, C)``; with ``check``,
+    the first draw alone must give the same first row."""
+    out = []
+    for g in groups:
+        s = next(iter(g.values())).shape[0]
+        try:
+            with poutine.condition(data=g):
+                p = call_with_batch(fn, batch)
+        except Exception as e:  # noqa: BLE001 -- any failure means: not vectorisable
+            raise _NotVectorised(f"fn failed under stacked draws ({type(e).__name__}: {e})") from e
+        if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[0] != s:
+            shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+            raise _NotVectorised(f"fn returned {shape} under {s} stacked draws, not ({s}, B, C)")
+        out.append(p.detach().float())
+    probs = torch.cat(out)
+    if check is not None:
+        with poutine.condition(data=check):
+            one = call_with_batch(fn, batch).detach().float()
+        if one.shape != probs.shape[1:] or not torch.allclose(probs[0], one, rtol=1e-4, atol=1e-6):
+            raise _NotVectorised("fn's result under the stacked draws differs from the first draw "
+                                 "run alone")
     return probs
