@@ -568,6 +568,7 @@ def _add_rows(file: str) -> None:
 
 
 _add_rows("cost_laplace")  # laplace_fit_over_map_epoch, laplace_fit_ours_over_laplace_torch, ...
+_add_rows("cost_scale")  # predict_s16_top1_over_map_forward, svi_step_top1_cached_over_map_step, ...
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,7 @@ from .infer import (
     scale_lr,
 )
 from .lora import BayesianLoRA, find_lora_parameters
+from .prefix_cache import PrefixCache
 from .polar import PolarAdapter, polar_optimizer
 from .posterior import GuidePosterior, Posterior, predict_probs, stack_draws
 from .regression import RegressionResult, regress
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BayesianLoRA",
+    "PrefixCache",
     "BLoBResult",
     "EarlyStopping",
     "EnsemblePosterior",

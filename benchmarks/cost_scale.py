@@ -1,0 +1,244 @@
+"""Speed-and-scale rows of the cost benchmark: many posterior draws near the cost of one forward.
+
+``benchmarks/cost.py`` loads this file and calls :func:`register_rows` with itself, so the rows
+join its ``REGISTRY`` and run with its harness (interleaved timing, memory probes)::
+
+    .venv/bin/python benchmarks/cost.py --rows predict_s16_top1_over_map_forward \\
+        predict_s16_loop_top1_over_map_forward predict_s16_all_over_map_forward \\
+        svi_step_top1_cached_over_map_step coding_bayes_s16_over_map
+
+Set-up: all-MiniLM-L6-v2 with peft LoRA r = 8 on query/value, batches of 8 x 64 real reviews,
+as the other rows. "top1" rows put the adapter on the top block only
+(``LoraConfig(layers_to_transform=[5])``): the case the shared frozen prefix is for. Draws are
+seeded N(MAP, 0.05^2) perturbations of every adapter matrix (the cost does not depend on where
+the draws come from: a guide, a Laplace posterior, ensemble members).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterable
+
+S = 16  # posterior draws
+TOP = 5  # the top block of MiniLM's six
+CODING_DOCS = (32, 256)  # documents coded per call (quick, full)
+
+
+def register_rows(cost) -> None:
+    """Register this file's rows into ``cost.REGISTRY``."""
+    Sizes = cost.Sizes
+    step = dict(quick=Sizes(warmup=2, min_rounds=8, max_rounds=30, budget_s=30, memory_steps=3),
+                full=Sizes(warmup=3, min_rounds=20, max_rounds=300, budget_s=120, memory_steps=5))
+    svi = dict(quick=Sizes(warmup=cost.N_BATCHES, min_rounds=10, max_rounds=30, budget_s=30,
+                           memory_steps=3),
+               full=Sizes(warmup=cost.N_BATCHES, min_rounds=20, max_rounds=400, budget_s=150,
+                          memory_steps=5))
+    coding = dict(quick=Sizes(warmup=1, min_rounds=2, max_rounds=4, budget_s=30, memory_steps=1),
+                  full=Sizes(warmup=1, min_rounds=3, max_rounds=8, budget_s=150, memory_steps=1))
+    rows = [
+        ("predict_s16_top1_over_map_forward", 3.0,
+         f"posterior predictive of one batch with S = {S} draws of the top block's adapter: "
+         "one sample-batched forward, frozen prefix shared (predict_probs, vectorize=True)",
+         "one MAP forward of the same batch (peft model, eval, no_grad, softmax)", step,
+         functools.partial(predict_over_map, cost, top=True, vectorize=True)),
+        ("predict_s16_loop_top1_over_map_forward", float(S),
+         f"as predict_s16_top1_over_map_forward but the naive way: {S} forwards, one per draw "
+         "(vectorize=False, share_prefix=False)",
+         "one MAP forward of the same batch", step,
+         functools.partial(predict_over_map, cost, top=True, vectorize=False)),
+        ("predict_s16_all_over_map_forward", float(S),
+         f"posterior predictive with S = {S} draws of every block's adapters: one sample-batched "
+         "forward (no frozen prefix to share)",
+         "one MAP forward of the same batch", step,
+         functools.partial(predict_over_map, cost, top=False, vectorize=True)),
+        ("svi_step_top1_cached_over_map_step", 1.0,
+         "one SVI step of Bayesian LoRA on the top block, frozen prefix read from a PrefixCache "
+         "(every batch seen once before, as from the second epoch on)",
+         "one peft LoRA MAP training step of the same (top-block) adapter", svi,
+         functools.partial(svi_top_cached_over_map, cost)),
+        ("coding_bayes_s16_over_map", 3.0,
+         f"coding N reviews with S = {S} draws of the top block's adapter (tokenise, one "
+         "sample-batched forward per batch of 8, mean probabilities)",
+         "coding the same N reviews with the MAP adapter (tokenise, forward, softmax)", coding,
+         functools.partial(coding_over_map, cost)),
+    ]
+    for name, goal, num, den, sizes, fn in rows:
+        cost.register(name, goal=goal, numerator=num, denominator=den, **sizes)(fn)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _peft(cost, top: bool):
+    """MiniLM + LoRA (top block only, or all), seeded, with non-zero B as after fine-tuning."""
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    import pyro_llm
+
+    logging.set_verbosity_error()
+    torch.manual_seed(cost.SEED)
+    base = AutoModelForSequenceClassification.from_pretrained(pyro_llm.data.minilm_path(),
+                                                              num_labels=2)
+    cfg = dict(cost.LORA, layers_to_transform=[TOP]) if top else dict(cost.LORA)
+    net = peft.get_peft_model(base, peft.LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(cost.SEED + 1)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+def _draws(lora, s: int = S, scale: float = 0.05):
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    mean = lora.init_values()
+    return [{k: v + scale * torch.randn(v.shape, generator=g) for k, v in mean.items()}
+            for _ in range(s)]
+
+
+def _inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def _settings(cost, **extra) -> dict:
+    return dict(model="all-MiniLM-L6-v2 (AutoModelForSequenceClassification, num_labels=2)",
+                batch=cost.BATCH, seq_len=cost.SEQ_LEN, lora=cost.LORA, draws=S, seed=cost.SEED,
+                versions=cost._versions(), **extra)
+
+
+def _map_forward(cost, top: bool, batches):
+    import torch
+
+    net = _peft(cost, top)
+    it = itertools.cycle(batches)
+
+    @torch.no_grad()
+    def den():
+        return net(**_inputs(next(it))).logits.softmax(-1)
+
+    return den
+
+
+# ---------------------------------------------------------------------------- rows
+def predict_over_map(cost, sides: Iterable[str], *, top: bool, vectorize: bool):
+    """S-draw posterior predictive of one batch over one MAP forward of it (new batches each
+    call, cycling 16: no prefix is cached, the frozen prefix is shared within the call only)."""
+    import pyro_llm
+
+    sides = set(sides)
+    cost._seed_all()
+    batches = cost._minilm_batches()
+    den = _map_forward(cost, top, batches) if "denominator" in sides else None
+    num = None
+    if "numerator" in sides:
+        net = _peft(cost, top)
+        lora = pyro_llm.BayesianLoRA(net, prior=1.0, share_prefix=vectorize)
+        draws = _draws(lora)
+        it = itertools.cycle(batches)
+
+        def fn(input_ids, attention_mask):
+            return lora(input_ids=input_ids, attention_mask=attention_mask).logits.softmax(-1)
+
+        def num():
+            return pyro_llm.predict_probs(fn, [_inputs(next(it))], draws, progress=False,
+                                          seed=None, vectorize=vectorize)
+
+    adapters = "top block (layers_to_transform=[5])" if top else "all six blocks"
+    return cost.Pair(num, den, _settings(
+        cost, adapters=adapters, vectorize=vectorize, share_prefix=vectorize,
+        numerator_detail="BayesianLoRA(net) conditioned on the S draws; predict_probs over one "
+                         "batch (its draw sampling excluded: the draws are fixed tensors)",
+        denominator_detail="the peft model, same adapter, eval mode, torch.no_grad"))
+
+
+def svi_top_cached_over_map(cost, sides: Iterable[str]):
+    """SVI step with the top block's adapter random and the frozen prefix cached, over a peft
+    MAP step of the same adapter (both without dropout: like for like)."""
+    import pyro
+    from pyro.infer import Trace_ELBO
+
+    import pyro_llm
+    from pyro_llm.infer.svi import _param_store_tensors
+
+    sides = set(sides)
+    cost._seed_all()
+    batches = cost._minilm_batches()
+    den = num = None
+    keys = ("input_ids", "attention_mask", "labels")
+    if "denominator" in sides:
+        net = _peft(cost, True)
+        params = [p for p in net.parameters() if p.requires_grad]
+        den = cost._train_step(params, lambda b: net(**{k: b[k] for k in keys}).loss, batches,
+                               **cost._defaults(pyro_llm.fit_map))
+    if "numerator" in sides:
+        pyro.clear_param_store()
+        net = _peft(cost, True)
+        cache = pyro_llm.PrefixCache("1GiB", verbose=False)
+        lora = pyro_llm.BayesianLoRA(net, prior=1.0, prefix_cache=cache)
+        size = cost.BATCH * cost.N_BATCHES
+
+        def model(input_ids, attention_mask, labels, index):
+            logits = lora(input_ids=input_ids, attention_mask=attention_mask).logits
+            pyro_llm.likelihoods.categorical("y", logits, labels, size, index)
+
+        guide = pyro_llm.make_guide(model, "normal", init_values=lora)
+        elbo = Trace_ELBO()
+        params = list(_param_store_tensors(model, guide, batches[0], elbo).values())
+        num = cost._train_step(params, lambda b: elbo.differentiable_loss(model, guide, **b),
+                               batches, **cost._defaults(pyro_llm.fit_svi))
+    settings = _settings(
+        cost, adapters="top block (layers_to_transform=[5]); classifier head trainable in both",
+        map="peft model in eval mode (no dropout), HF loss, AdamW (fit_map's loop body)",
+        svi="BayesianLoRA(prior=1.0, prefix_cache=PrefixCache('1GiB')); AutoNormal guide; "
+            "Trace_ELBO.differentiable_loss; AdamW over the param store (fit_svi's loop body)",
+        cache_note=f"warm-up runs {cost.N_BATCHES} steps (one pass over the {cost.N_BATCHES} "
+                   "cycled batches), so timed steps read the prefix from the cache")
+    return cost.Pair(num, den, settings)
+
+
+def coding_over_map(cost, sides: Iterable[str], docs: int | None = None):
+    """Coding throughput: N reviews, Bayesian (S draws, top block) over MAP, tokenising included."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import pyro_llm
+
+    sides = set(sides)
+    cost._seed_all()
+    n = docs or (CODING_DOCS[0] if getattr(cost, "QUICK", False) else CODING_DOCS[1])
+    texts, _ = pyro_llm.data.rotten_tomatoes(seed=cost.SEED)
+    texts = list(texts[:n])
+    tok = AutoTokenizer.from_pretrained(pyro_llm.data.minilm_path())
+
+    def batches():
+        for i in range(0, n, cost.BATCH):
+            yield dict(tok(texts[i:i + cost.BATCH], padding=True, truncation=True,
+                           max_length=cost.SEQ_LEN, return_tensors="pt"))
+
+    den = num = None
+    if "denominator" in sides:
+        net = _peft(cost, True)
+
+        @torch.no_grad()
+        def den():
+            return torch.cat([net(**b).logits.softmax(-1) for b in batches()])
+
+    if "numerator" in sides:
+        lora = pyro_llm.BayesianLoRA(_peft(cost, True), prior=1.0)
+        draws = _draws(lora)
+
+        def fn(**b):
+            return lora(**b).logits.softmax(-1)
+
+        def num():
+            return pyro_llm.predict_probs(fn, batches(), draws, progress=False, seed=None,
+                                          vectorize=True).mean(0)
+
+    return cost.Pair(num, den, _settings(
+        cost, documents=n, adapters="top block (layers_to_transform=[5])",
+        padding="per batch (longest), truncation at 64 tokens",
+        throughput_note="documents per second = documents / median seconds of each side"))
