@@ -200,6 +200,9 @@ def test_predict_equals_predict_probs_through_bayesian_lora_and_to_arviz():
     on_sites = EnsemblePosterior(ens.members, lora=lora)
     assert set(on_sites.members[0]) == {lora.site_name(n) for n in ens.names}
     direct = ens.predict(data, progress=False)
+    # the members run in one sample-batched forward by default; written in turn, the same
+    torch.testing.assert_close(direct, ens.predict(data, progress=False, vectorize=False),
+                               rtol=1e-5, atol=1e-6)
     via = predict_probs(lambda x, y: lora(x).softmax(-1), data, posterior=on_sites.members,
                         progress=False)
     assert torch.allclose(direct, via, atol=1e-6)

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
-from ..posterior import Draw, Posterior
+from ..posterior import Draw, Posterior, predict_probs
 from . import svi
 from .ensemble_io import (
     _INFO,
@@ -109,6 +109,15 @@ class EnsemblePosterior(Posterior):
         site = lora.site_name if lora is not None else (lambda name: name)
         self.members: list[Draw] = [{site(k): v for k, v in m.items()} for m in self._peft]
 
+    def _runner(self):
+        """A BayesianLoRA whose random sites are the members' tensors (site = peft name)."""
+        from ..lora import BayesianLoRA
+
+        try:
+            return BayesianLoRA(self.peft_model, prior=1.0, select=set(self.names))
+        except (ValueError, TypeError):
+            return None
+
     @property
     def names(self) -> list[str]:
         """Peft parameter names of the members' tensors."""
@@ -138,18 +147,32 @@ class EnsemblePosterior(Posterior):
 
     @torch.no_grad()
     def predict(self, data: Iterable, *, logits_fn: Callable | None = None,
-                progress: bool = True) -> torch.Tensor:
-        """Class probabilities ``(M, N, C)``: every member in turn, in eval mode (dropout off).
+                progress: bool = True, vectorize: bool | str = "auto") -> torch.Tensor:
+        """Class probabilities ``(M, N, C)`` of every member, in eval mode (dropout off).
 
-        Each batch is read once and every member is written into the peft model for it; the
-        model's tensors and train/eval modes are restored afterwards. ``logits_fn(model, batch)``
-        defaults to ``model(**batch).logits`` for dict batches (``labels``/``index`` left out)
-        and ``model(x)`` for ``(x, y)`` tuples.
+        ``logits_fn(model, batch)`` defaults to ``model(**batch).logits`` for dict batches
+        (``labels``/``index`` left out) and ``model(x)`` for ``(x, y)`` tuples. By default the M
+        members run together in one sample-batched forward per batch (their adapters stacked,
+        the blocks below the lowest adapter shared; see :mod:`pyro_llm.batched`), checked on the
+        first batch against member 0 alone. ``vectorize=False`` (or a model the batched path
+        cannot run) writes each member into the peft model in turn; the model's tensors and
+        train/eval modes are restored afterwards.
         """
         if self.peft_model is None:
             raise ValueError("this ensemble has no model attached; pass peft_model= (or lora=) when "
                              "building or loading it")
         logits_fn = logits_fn or default_logits
+        if vectorize is not False and len(self) > 1:
+            runner = self._runner()
+            if runner is not None:
+                def fn(*args, **batch):
+                    b = batch if batch else (args[0] if len(args) == 1 else args)
+                    return logits_fn(runner, b).softmax(-1)
+
+                with _restored(self.peft_model, self.names):
+                    self.peft_model.eval()
+                    return predict_probs(fn, data, [dict(m) for m in self._peft], progress=progress,
+                                         seed=None, vectorize=vectorize)
         chunks = []
         total = len(data) if hasattr(data, "__len__") else None
         with _restored(self.peft_model, self.names):
