@@ -193,16 +193,65 @@ def _skip_prefix(plan: Plan, k: int, hidden: torch.Tensor):
             return (hidden, *a[1:]), kw
         return a, {**kw, "hidden_states": hidden}
 
-    skipped = list(plan.blocks)[:k]
-    for b in skipped:
+    skipped = [(b, b.__dict__.get("forward")) for b in list(plan.blocks)[:k]]
+    for b, _ in skipped:
         b.forward = passthrough
     handle = plan.blocks[k].register_forward_pre_hook(inject, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
-        for b in skipped:
-            del b.forward
+        _restore_forward(skipped)
+
+
+def _rowwise(module: torch.nn.Module) -> bool:
+    """A leaf module that maps each batch row on its own (its output rows depend on the same
+    input rows only): linear maps and normalisations."""
+    if next(module.children(), None) is not None:
+        return False
+    if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)):
+        return True
+    name = type(module).__name__
+    return name == "Conv1D" or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+@contextlib.contextmanager
+def _dedup_first_block(plan: Plan, k: int, tiled: torch.Tensor, n: int, s: int):
+    """In block k, whose input is S identical copies of the prefix output, row-wise layers
+    (its first norm, the base query/key/value projections) compute on one copy and tile the
+    result; what mixes in the draws (the LoRA deltas, attention with drawn queries) does not
+    see a tiled tensor and runs on every row."""
+    known = [tiled]  # tensors known to hold s copies of their first n rows (kept alive here)
+    patched = []
+
+    def wrap(forward):
+        def fwd(x, *a, **kw):
+            if a or kw or not isinstance(x, torch.Tensor) or not any(x is t for t in known):
+                return forward(x, *a, **kw)
+            y = forward(x[:n])
+            y = y.repeat(s, *([1] * (y.dim() - 1)))
+            known.append(y)
+            return y
+
+        return fwd
+
+    for m in plan.blocks[k].modules():
+        if _rowwise(m):
+            patched.append((m, m.__dict__.get("forward")))
+            m.forward = wrap(m.forward)
+    try:
+        yield
+    finally:
+        _restore_forward(patched)
+
+
+def _restore_forward(patched) -> None:
+    """Undo instance-level ``forward`` patches (an earlier instance attribute comes back)."""
+    for m, before in reversed(patched):
+        if before is None:
+            del m.forward
+        else:
+            m.forward = before
 
 
 @contextlib.contextmanager
@@ -317,7 +366,10 @@ def run(model: torch.nn.Module, plan: Plan, weights: dict[str, torch.Tensor], sa
                 hidden = cache.lookup(model, plan, k, plain, args, kwargs, n)
             else:
                 hidden = prefix_hidden(model, plan, k, plain, args, kwargs)
-            stack.enter_context(_skip_prefix(plan, k, _tile(hidden, n, s)))
+            tiled = _tile(hidden, n, s)
+            stack.enter_context(_skip_prefix(plan, k, tiled))
+            if s > 1:
+                stack.enter_context(_dedup_first_block(plan, k, tiled, n, s))
         if batched:
             stack.enter_context(_batched_layers(model, plan, weights, batched, s))
         t_args = tuple(_tile(a, n, s) for a in args)

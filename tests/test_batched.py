@@ -62,6 +62,17 @@ def test_stacked_draws_equal_the_loop(kind, which):
         lora(input_ids=ids, attention_mask=mask)
     h.remove()
     assert rows == ([20] if which == "all" else [4])
+    if which == "top":  # in block 1, a projection of its (shared) input runs on one copy
+        name = {"bert": "attention.self.key", "llama": "self_attn.k_proj",
+                "gpt2": "attn.c_attn.base_layer"}[kind]
+        proj = lora.plan.blocks[1].get_submodule(name)
+        seen = []
+        proj.forward = (lambda f: lambda x: seen.append(x.shape[0]) or f(x))(proj.forward)
+        with torch.no_grad(), poutine.condition(data=stack_draws(draws)):
+            again = fn(lora(input_ids=ids, attention_mask=mask), mask)
+        del proj.forward
+        assert seen == [4]
+        torch.testing.assert_close(again, loop, **TOL)
 
 
 def test_unshared_prefix_and_partial_draws_agree():

@@ -2,8 +2,10 @@
 post-hoc Laplace, LoRA ensembles, BLoB, PoLAR-VBLL, and the temperature-scaling and MC-dropout
 baselines."""
 
+from . import distributed
 from .baselines import TemperatureScaling, collect_logits, fit_temperature, mc_dropout_predict
 from .blob import BLoBGuide, BLoBResult, fit_blob, kl_weights
+from .distributed import independent, launch, shard
 from .ensemble import EnsemblePosterior, fit_ensemble, load_ensemble
 from .laplace import LaplacePosterior, fit_laplace, load_laplace
 from .polar_fit import fit_polar
@@ -11,7 +13,8 @@ from .polar_vbll import PolarVBLL, fit_polar_vbll, load_polar_vbll
 from .svi import EarlyStopping, FitResult, fit_map, fit_svi, make_guide, scale_lr
 
 __all__ = ["BLoBGuide", "BLoBResult", "EarlyStopping", "EnsemblePosterior", "FitResult",
-           "LaplacePosterior", "PolarVBLL", "TemperatureScaling", "collect_logits", "fit_blob",
+           "LaplacePosterior", "PolarVBLL", "TemperatureScaling", "collect_logits", "distributed",
+           "fit_blob",
            "fit_ensemble", "fit_laplace", "fit_map", "fit_polar", "fit_polar_vbll", "fit_svi",
-           "fit_temperature", "kl_weights", "load_ensemble", "load_laplace", "load_polar_vbll",
-           "make_guide", "mc_dropout_predict", "scale_lr"]
+           "fit_temperature", "independent", "kl_weights", "launch", "load_ensemble", "load_laplace", "load_polar_vbll",
+           "make_guide", "mc_dropout_predict", "scale_lr", "shard"]

@@ -3,7 +3,11 @@
 Both run minibatches from any re-iterable of batches (a ``DataLoader``), show a tqdm bar,
 write resumable checkpoints (safetensors + JSON) and can stop early on a held-out metric.
 The loss is a plain differentiable scalar and the optimiser a plain torch optimiser over
-named tensors, so the same loop runs under torch.distributed.
+named tensors, so the same loop runs under torch.distributed: inside a process group of more
+than one rank it starts from rank 0's tensors, combines the ranks' gradients after every
+``backward()`` (weighted by their shares of the global batch: the single-process gradient of
+that batch, see :mod:`pyro_llm.infer.distributed`), records the global batch's loss, and leaves
+the progress bar and the checkpoint files to rank 0.
 
 A batch is passed to the model as ``model(**batch)`` if it is a mapping, ``model(*batch)``
 if it is a tuple or list, and ``model(batch)`` otherwise.
@@ -26,6 +30,7 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from tqdm.auto import tqdm
 
 from ..posterior import call_with_batch
+from . import distributed as _dist
 from .checkpoint import load_checkpoint, save_checkpoint
 
 _END = object()
@@ -260,12 +265,20 @@ def fit_map(
 def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_decay,
          clip_norm, checkpoint, checkpoint_every, early_stopping, progress, seed,
          optim: torch.optim.Optimizer | None = None) -> FitResult:
-    """The training loop every fit shares; ``optim`` over ``params`` (default: AdamW)."""
+    """The training loop every fit shares; ``optim`` over ``params`` (default: AdamW).
+
+    Under torch.distributed (:func:`~pyro_llm.infer.distributed.is_distributed`) each rank runs
+    it on its shard with the same seed: a hand all-reduce of ``params``' gradients, the
+    equivalent of ``DistributedDataParallel`` for tensors that are not in one ``nn.Module``.
+    """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     n_batches = len(data) if hasattr(data, "__len__") else None
     if n_batches == 0:
         raise ValueError("the data has no batches: the dataset is empty")
+    distributed, main = _dist.is_distributed(), _dist.rank() == 0 or not _dist.is_distributed()
+    if distributed:
+        _dist.check_same(-1 if n_batches is None else n_batches, "the number of batches, len(data),")
     total = epochs * n_batches if n_batches else None
     if max_steps is not None:
         total = min(total, max_steps) if total else max_steps
@@ -277,7 +290,11 @@ def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_
         meta = load_checkpoint(checkpoint, params, optim)
         if meta is not None:
             state.restore(meta)
-    bar = tqdm(total=total, initial=state.step, disable=not progress, desc=f"fit {method}",
+    if distributed:
+        _dist.check_same(state.step, f"the step restored from checkpoint={checkpoint!r} (every rank "
+                                     "must see the same checkpoint directory)")
+        _dist.broadcast_params(params)
+    bar = tqdm(total=total, initial=state.step, disable=not (progress and main), desc=f"fit {method}",
                leave=False)
     t0 = time.perf_counter() - state.seconds
     base_seed = 0 if seed is None else seed
@@ -299,25 +316,32 @@ def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_
                     break
                 optim.zero_grad(set_to_none=True)
                 value = step_fn(batch)
-                if not torch.isfinite(value):
+                loss_value, share = float(value.detach()), None
+                if distributed:  # the global batch's loss, and this rank's share of its rows
+                    loss_value, share = _dist.sync_step(loss_value, _dist.batch_rows(batch))
+                if not math.isfinite(loss_value):
                     raise FloatingPointError(
-                        f"loss is {float(value.detach())} at step {state.step}; lower lr "
+                        f"loss is {loss_value} at step {state.step}; lower lr "
                         f"(now {lr}) or check the data; the last checkpoint (if any) is intact"
                     )
                 value.backward()
+                if distributed:
+                    _dist.all_reduce_grads(params, share)
                 if clip_norm:
                     torch.nn.utils.clip_grad_norm_(list(params.values()), clip_norm)
                 optim.step()
                 state.step += 1
-                state.losses.append(float(value.detach()))
+                state.losses.append(loss_value)
                 bar.update(1)
                 bar.set_postfix(loss=f"{state.losses[-1]:.4g}")
                 if early_stopping and state.step % early_stopping.every == 0:
                     if state.evaluate(early_stopping, params):
                         break
-                if checkpoint and state.step % checkpoint_every == 0:
+                if checkpoint and main and state.step % checkpoint_every == 0:
                     save_checkpoint(checkpoint, params, optim,
                                     state.meta(time.perf_counter() - t0))
+            if distributed:  # every rank ends its epoch here, however it ended
+                _dist.sync_end()
             if state.done(total) or state.stopped:
                 break
     finally:
@@ -327,8 +351,10 @@ def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_
             for n, p in params.items():
                 p.copy_(state.best[n])
     seconds = time.perf_counter() - t0
-    if checkpoint:
+    if checkpoint and main:
         save_checkpoint(checkpoint, params, optim, state.meta(seconds))
+    if checkpoint and distributed:  # no rank returns (and may resume) before the file is written
+        _dist.barrier()
     final = _constrained(params) if method == "svi" else params
     return FitResult(
         method=method, guide=guide,
@@ -380,7 +406,7 @@ class _LoopState:
         return total is not None and self.step >= total
 
     def evaluate(self, es: EarlyStopping, params) -> bool:
-        value = float(es.metric())
+        value = _dist.mean_over_ranks(float(es.metric()))  # one decision for every rank
         self.val.append((self.step, value))
         if value < self.best_value - es.min_delta:
             self.best_value, self.best_step, self.bad = value, self.step, 0

@@ -75,6 +75,24 @@ class Factor:
         top = lam.flip(0)[: self.rank].clamp_min(0.0)
         self.U = (Q @ V.flip(1)[:, : self.rank]) * top.sqrt()
 
+    def combine(self, roots: list[torch.Tensor]) -> None:
+        """Replace a low-rank factor by the best rank-``k`` part of ``sum_i R_i R_i^T``.
+
+        ``roots`` are square roots ``R_i`` (``dim x k_i``), e.g. the ``U`` of the factors that
+        several processes accumulated on their shards. With ``W = [R_1 ... R_m] = Q S V^T`` (thin
+        SVD), ``sum_i R_i R_i^T = W W^T = Q S^2 Q^T``, so ``U = Q_k S_k`` is its best rank-``k``
+        approximation (Eckart-Young), exact when ``rank(W) <= k``. All-zero columns are dropped.
+        """
+        if self.rank is None:
+            raise ValueError("combine() is for low-rank factors; sum the exact factors' S instead")
+        W = torch.cat([r.detach().to(DTYPE).cpu().reshape(self.dim, -1) for r in roots], 1)
+        W = W[:, W.abs().amax(0) > 0]
+        if W.shape[1] <= self.rank:
+            self.U = W
+            return
+        Q, s, _ = torch.linalg.svd(W, full_matrices=False)
+        self.U = Q[:, : self.rank] * s[: self.rank]
+
     def eig(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvectors ``(dim, k)`` and eigenvalues ``(k,)`` of ``scale * sum r r^T``."""
         if self.rank is None:
