@@ -3,14 +3,29 @@
 LoRA adapter matrices of a peft model become Pyro random sites (:class:`BayesianLoRA`);
 one Pyro model function holds the adapter prior, the LLM forward pass and the likelihoods;
 :func:`fit_svi` fits it, :func:`predict_probs` predicts under posterior draws, and
-:func:`to_arviz` hands the result to ArviZ. The other posteriors over the same sites:
+:func:`to_arviz` hands the result to ArviZ. Stacked draws run in one sample-batched forward
+(:mod:`pyro_llm.batched`, :class:`PrefixCache`); :func:`code_corpus` codes a large corpus in
+bounded memory, resumably (:mod:`pyro_llm.stream`). The other posteriors over the same sites:
 :func:`fit_laplace`, :func:`fit_ensemble`, :func:`fit_blob`, :func:`fit_polar_vbll` (on a
 :class:`PolarAdapter`), with :func:`fit_temperature` and :func:`mc_dropout_predict` as
 baselines; :func:`regress` uses the LLM's output as a covariate or outcome of a regression
 with honest intervals (:mod:`pyro_llm.regression`).
 """
 
-from . import data, diagnostics, features, likelihoods, metrics, models, plots, priors, regression, vbll
+from . import (
+    batched,
+    data,
+    diagnostics,
+    features,
+    likelihoods,
+    metrics,
+    models,
+    plots,
+    priors,
+    regression,
+    stream,
+    vbll,
+)
 from .arviz_io import to_arviz
 from .infer import (
     BLoBResult,
@@ -36,17 +51,17 @@ from .infer import (
     scale_lr,
 )
 from .lora import BayesianLoRA, find_lora_parameters
-from .prefix_cache import PrefixCache
 from .polar import PolarAdapter, polar_optimizer
 from .posterior import GuidePosterior, Posterior, predict_probs, stack_draws
+from .prefix_cache import PrefixCache
 from .regression import RegressionResult, regress
+from .stream import code_corpus, load_coded
 from .vbll import VBLLClassification, VBLLRegression
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BayesianLoRA",
-    "PrefixCache",
     "BLoBResult",
     "EarlyStopping",
     "EnsemblePosterior",
@@ -56,10 +71,13 @@ __all__ = [
     "PolarAdapter",
     "PolarVBLL",
     "Posterior",
+    "PrefixCache",
     "RegressionResult",
     "TemperatureScaling",
     "VBLLClassification",
     "VBLLRegression",
+    "batched",
+    "code_corpus",
     "data",
     "diagnostics",
     "features",
@@ -74,6 +92,7 @@ __all__ = [
     "fit_temperature",
     "likelihoods",
     "load_ensemble",
+    "load_coded",
     "load_laplace",
     "load_polar_vbll",
     "make_guide",
@@ -88,6 +107,7 @@ __all__ = [
     "regression",
     "scale_lr",
     "stack_draws",
+    "stream",
     "to_arviz",
     "vbll",
 ]

@@ -49,6 +49,8 @@ def categorical(name: str, logits: torch.Tensor, obs: torch.Tensor | None,
         if obs.numel() and (int(obs.min()) < 0 or int(obs.max()) >= c):
             raise ValueError(f"{name}: labels must lie in [0, {c - 1}], got "
                              f"[{int(obs.min())}, {int(obs.max())}]")
+    if logits.dtype in (torch.float16, torch.bfloat16):  # a half-precision backbone's logits:
+        logits = logits.float()  # the likelihood (and the posterior) in float32
     with pyro.plate(f"{name}_data", size=size, subsample=index):
         return pyro.sample(name, dist.Categorical(logits=logits), obs=obs)
 

@@ -306,8 +306,8 @@ class BayesianLoRA(PyroModule):
         return plan
 
     def _sample_shape(self, weights: Mapping[str, torch.Tensor]) -> torch.Size:
-        """Leading draw dimensions of the random tensors (trailing 1s, which Pyro's plates
-        nested inside add, dropped); ``()`` for a single draw."""
+        """Leading draw dimensions of the random tensors (trailing 1s after the first, which
+        Pyro's plates nested inside add, dropped); ``()`` for a single unstacked draw."""
         shapes = set()
         for n in self.random_names:
             w, shape = weights[n], self._shapes[n]
@@ -315,7 +315,7 @@ class BayesianLoRA(PyroModule):
                 raise ValueError(f"{self.site_name(n)} has shape {tuple(w.shape)}; expected "
                                  f"{shape} or (draws..., *{shape})")
             lead = list(w.shape[: w.dim() - len(shape)])
-            while lead and lead[-1] == 1:
+            while len(lead) > 1 and lead[-1] == 1:  # (P, 1): particles left of a data plate
                 lead.pop()
             shapes.add(tuple(lead))
         if len(shapes) > 1:

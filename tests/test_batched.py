@@ -145,7 +145,7 @@ def test_cache_hits_and_equals_the_plain_path(kind):
     plain = pyro_llm.BayesianLoRA(net, prior=0.3, select=_top(kind), share_prefix=False)
     ids, mask = token_batch(4, 6)
     d = _draws(lora, 2)
-    for rep in range(2):
+    for _ in range(2):
         for draw in d:
             with torch.no_grad(), poutine.condition(data=draw):
                 torch.testing.assert_close(fn(lora(input_ids=ids, attention_mask=mask), mask),
@@ -269,7 +269,7 @@ def test_svi_with_a_cached_prefix_follows_the_plain_fit():
         data = [{"ids": ids[i:i + 4], "mask": mask[i:i + 4], "y": y[i:i + 4],
                  "index": torch.arange(i, i + 4)} for i in (0, 4)]
 
-        def model(ids, mask, y, index):
+        def model(ids, mask, y, index, lora=lora):
             logits = lora(input_ids=ids, attention_mask=mask).logits
             pyro_llm.likelihoods.categorical("y", logits, y, 8, index)
 

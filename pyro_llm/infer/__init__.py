@@ -14,7 +14,7 @@ from .svi import EarlyStopping, FitResult, fit_map, fit_svi, make_guide, scale_l
 
 __all__ = ["BLoBGuide", "BLoBResult", "EarlyStopping", "EnsemblePosterior", "FitResult",
            "LaplacePosterior", "PolarVBLL", "TemperatureScaling", "collect_logits", "distributed",
-           "fit_blob",
-           "fit_ensemble", "fit_laplace", "fit_map", "fit_polar", "fit_polar_vbll", "fit_svi",
-           "fit_temperature", "independent", "kl_weights", "launch", "load_ensemble", "load_laplace", "load_polar_vbll",
-           "make_guide", "mc_dropout_predict", "scale_lr", "shard"]
+           "fit_blob", "fit_ensemble", "fit_laplace", "fit_map", "fit_polar", "fit_polar_vbll",
+           "fit_svi", "fit_temperature", "independent", "kl_weights", "launch", "load_ensemble",
+           "load_laplace", "load_polar_vbll", "make_guide", "mc_dropout_predict", "scale_lr",
+           "shard"]
