@@ -58,9 +58,9 @@ def register_rows(cost) -> None:
          "one peft LoRA MAP training step of the same (top-block) adapter", svi,
          functools.partial(svi_top_cached_over_map, cost)),
         ("coding_bayes_s16_over_map", 3.0,
-         f"coding N reviews with S = {S} draws of the top block's adapter (tokenise, one "
-         "sample-batched forward per batch of 8, mean probabilities)",
-         "coding the same N reviews with the MAP adapter (tokenise, forward, softmax)", coding,
+         f"code_corpus of N reviews with S = {S} draws of the top block's adapter (one "
+         "sample-batched forward per batch of 8; mean and entropy split stored)",
+         "code_corpus of the same N reviews with the MAP adapter", coding,
          functools.partial(coding_over_map, cost)),
     ]
     for name, goal, num, den, sizes, fn in rows:
@@ -201,44 +201,50 @@ def svi_top_cached_over_map(cost, sides: Iterable[str]):
 
 
 def coding_over_map(cost, sides: Iterable[str], docs: int | None = None):
-    """Coding throughput: N reviews, Bayesian (S draws, top block) over MAP, tokenising included."""
-    import torch
+    """Coding throughput with ``code_corpus`` (tokenising, predicting, writing shards): N reviews
+    under S draws of the top block's adapter (``posterior_predictor``, sample-batched) over the
+    same N under the MAP adapter (``map_predictor``). Each call codes into a fresh folder."""
+    import shutil
+    import tempfile
+
     from transformers import AutoTokenizer
 
     import pyro_llm
+    from pyro_llm import stream
 
     sides = set(sides)
     cost._seed_all()
     n = docs or (CODING_DOCS[0] if getattr(cost, "QUICK", False) else CODING_DOCS[1])
     texts, _ = pyro_llm.data.rotten_tomatoes(seed=cost.SEED)
-    texts = list(texts[:n])
+    texts = [str(t) for t in texts[:n]]
     tok = AutoTokenizer.from_pretrained(pyro_llm.data.minilm_path())
 
-    def batches():
-        for i in range(0, n, cost.BATCH):
-            yield dict(tok(texts[i:i + cost.BATCH], padding=True, truncation=True,
-                           max_length=cost.SEQ_LEN, return_tensors="pt"))
+    def coder(predict_fn, keep):
+        def code():
+            out = tempfile.mkdtemp(prefix="pyro_llm_coding_")
+            try:
+                pyro_llm.code_corpus(iter(texts), predict_fn, out, batch_size=cost.BATCH,
+                                     keep=keep, progress=False)
+                return pyro_llm.load_coded(out).probs
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+
+        return code
 
     den = num = None
     if "denominator" in sides:
-        net = _peft(cost, True)
-
-        @torch.no_grad()
-        def den():
-            return torch.cat([net(**b).logits.softmax(-1) for b in batches()])
-
+        den = coder(stream.map_predictor(_peft(cost, True), tok, max_length=cost.SEQ_LEN), "mean")
     if "numerator" in sides:
         lora = pyro_llm.BayesianLoRA(_peft(cost, True), prior=1.0)
-        draws = _draws(lora)
-
-        def fn(**b):
-            return lora(**b).logits.softmax(-1)
-
-        def num():
-            return pyro_llm.predict_probs(fn, batches(), draws, progress=False, seed=None,
-                                          vectorize=True).mean(0)
-
+        predict = stream.posterior_predictor(lora, _draws(lora), tok, max_length=cost.SEQ_LEN,
+                                             vectorize=True)
+        num = coder(predict, "uncertainty")
     return cost.Pair(num, den, _settings(
         cost, documents=n, adapters="top block (layers_to_transform=[5])",
-        padding="per batch (longest), truncation at 64 tokens",
+        path="pyro_llm.code_corpus(texts, predictor, fresh temp dir, batch_size=8) then "
+             "load_coded: tokenising (padding to the batch's longest, truncation at 64), the "
+             "forward(s), safetensors shard and manifest writes",
+        numerator_detail="posterior_predictor(lora, 16 draws, vectorize=True), keep='uncertainty' "
+                         "(mean probabilities, total/aleatoric/epistemic entropy)",
+        denominator_detail="map_predictor(peft model), keep='mean'",
         throughput_note="documents per second = documents / median seconds of each side"))
