@@ -306,9 +306,10 @@ def _agreement(la, ref) -> dict:
 def laplace_glm_predict_over_map_forward(cost, sides: Iterable[str], fit_batches: int | None = None):
     """Linearised (GLM) predictive with MC over S = 16 joint logit draws, one batch per call
     (``la.predict([batch], pred_type="glm", link="mc", num_samples=16)``: a forward with the layers
-    tapped, C = 2 backward passes for the Jacobian, ``J Sigma J^T`` from the KFAC blocks, 16 softmax
-    draws) over one MAP forward of the same batch (eval mode, ``torch.no_grad``, softmax), both
-    cycling over the same 16 batches in step.
+    tapped, C - 1 = 1 backward pass for the Jacobian of the logit difference ``f_1 - f_0`` (the
+    softmax ignores a common shift), its variance from the KFAC blocks, 16 softmax draws) over one
+    MAP forward of the same batch (eval mode, ``torch.no_grad``, softmax), both cycling over the
+    same 16 batches in step.
     """
     import torch
 
@@ -323,7 +324,9 @@ def laplace_glm_predict_over_map_forward(cost, sides: Iterable[str], fit_batches
         posterior=f"fit_laplace(net, first {n_fit} batches, structure='kfac', progress=False) "
                   "(defaults: sampled Fisher, marglik prior), built in set-up",
         numerator=f"la.predict([batch], pred_type='glm', link='mc', num_samples={NUM_SAMPLES}, "
-                  "progress=False) -> (16, 8, 2)",
+                  "progress=False) -> (16, 8, 2): one forward with the LoRA layers tapped, C - 1 = 1 "
+                  "backward pass (the logit difference f_1 - f_0), its KFAC variance, 16 draws of "
+                  "softmax([0, d]); the MAP is already in the model, so no weights are written",
         denominator="with torch.no_grad(): net(input_ids, attention_mask).logits.softmax(-1), eval mode",
         predict_batches=f"{cost.N_BATCHES} batches cycled, the same batch on both sides each round")
     den = num = None

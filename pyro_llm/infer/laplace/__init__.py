@@ -15,12 +15,15 @@ from .predictive import (
     gridsearch_prior_precision,
     laplace_bridge,
     laplace_predict,
+    logit_contrasts,
     mc_softmax,
+    mc_softmax_differences,
     probit,
 )
 
 __all__ = [
     "CURVATURES", "DiagBlock", "Factor", "FullBlock", "KronBlock", "LINKS", "LaplacePosterior",
     "STRUCTURES", "estimate_memory", "fit_laplace", "glm_logit_moments", "gridsearch_prior_precision",
-    "laplace_bridge", "laplace_predict", "last_layer_names", "load_laplace", "mc_softmax", "probit",
+    "laplace_bridge", "laplace_predict", "last_layer_names", "load_laplace", "logit_contrasts",
+    "mc_softmax", "mc_softmax_differences", "probit",
 ]

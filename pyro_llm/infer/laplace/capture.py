@@ -26,12 +26,9 @@ __all__ = ["LayerTap", "curvature_vectors", "per_example_grads", "CURVATURES"]
 CURVATURES = ("fisher", "empirical", "ggn")
 
 
-def _module_of(model: torch.nn.Module, name: str) -> tuple[str, str]:
+def _module_of(modules: dict[str, torch.nn.Module], name: str) -> tuple[str, str]:
     mod_name, _, kind = name.rpartition(".")
-    try:
-        module = model.get_submodule(mod_name)
-    except AttributeError:
-        module = None
+    module = modules.get(mod_name)
     if not isinstance(module, torch.nn.Linear) or kind not in ("weight", "bias"):
         raise ValueError(
             f"Laplace sites must be the weight or bias of a torch.nn.Linear (peft's lora_A / lora_B "
@@ -44,7 +41,9 @@ class LayerTap:
 
     def __init__(self, model: torch.nn.Module, param_names: list[str]):
         self.model = model
-        self.owner = {n: _module_of(model, n) for n in param_names}
+        # one walk of the module tree (get_submodule walks the path once per name)
+        self._by_name = dict(model.named_modules(remove_duplicate=False))
+        self.owner = {n: _module_of(self._by_name, n) for n in param_names}
         self.modules = list(dict.fromkeys(m for m, _ in self.owner.values()))
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -61,8 +60,7 @@ class LayerTap:
 
     def __enter__(self) -> LayerTap:
         for name in self.modules:
-            m = self.model.get_submodule(name)
-            self._handles.append(m.register_forward_hook(self._hook(name)))
+            self._handles.append(self._by_name[name].register_forward_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -80,10 +78,12 @@ class LayerTap:
             raise RuntimeError(f"layers {missing[:3]} did not run in the forward pass; is the adapter "
                                "active and does logits_fn call the same model?")
 
-    def output_grads(self, logits: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``d (v . logits) / d output`` of every tapped layer; the graph is kept for more calls."""
+    def output_grads(self, logits: torch.Tensor, v: torch.Tensor, retain_graph: bool = True
+                     ) -> dict[str, torch.Tensor]:
+        """``d (v . logits) / d output`` of every tapped layer; the graph is kept for more calls
+        unless ``retain_graph=False`` (the last call: its saved activations are freed at once)."""
         outs = [self.outputs[m] for m in self.modules]
-        grads = torch.autograd.grad(logits, outs, grad_outputs=v.to(logits.dtype), retain_graph=True,
+        grads = torch.autograd.grad(logits, outs, grad_outputs=v.to(logits.dtype), retain_graph=retain_graph,
                                     allow_unused=True)
         return {m: (torch.zeros_like(o) if g is None else g.detach())
                 for m, o, g in zip(self.modules, outs, grads, strict=True)}
@@ -167,13 +167,19 @@ class tapped:
     def __enter__(self) -> LayerTap:
         from ...lora import _train_mode
 
+        tap = LayerTap(self.model, self.names)  # checks the names before anything is changed
+        params = dict(self.model.named_parameters(remove_duplicate=False))  # one walk, not one per name
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise ValueError(f"the model has no parameters {missing[:3]}; pass names from "
+                             "model.named_parameters()")
         self._mode = _train_mode(self.model, False)
         self._mode.__enter__()
-        self._grad = {n: self.model.get_parameter(n) for n in self.names}
+        self._grad = {n: params[n] for n in self.names}
         self._flags = {n: p.requires_grad for n, p in self._grad.items()}
         for p in self._grad.values():
             p.requires_grad_(True)
-        self._tap = LayerTap(self.model, self.names).__enter__()
+        self._tap = tap.__enter__()
         return self._tap
 
     def __exit__(self, *exc) -> None:
