@@ -382,19 +382,3 @@ def test_method_predictor_runs_an_ensemble(tmp_path):
     got = load_coded(tmp_path)
     torch.testing.assert_close(got.draws, ref, atol=ATOL, rtol=0)
     assert not torch.allclose(ref[0], ref[1])  # two different members
-
-
-def test_throughput_benchmark_core_on_a_fake_predictor():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-    spec = importlib.util.spec_from_file_location("pyro_llm_bench_throughput", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    fake = FakePredict()
-    out = mod.throughput(fake, docs(20), batch_size=4)
-    assert (out["docs"], out["num_samples"], out["num_classes"]) == (20, 3, 4)
-    assert fake.calls == 1 + 5  # one warm-up batch, then 20 / 4 batches
-    assert out["docs_per_s"] == pytest.approx(20 / out["seconds"])
-    assert out["peak_rss_mb"] > 0
