@@ -452,8 +452,9 @@ def _map_step(batches: list[dict], dropout: bool = True) -> Callable:
                        **_defaults(pyro_llm.fit_map))
 
 
-def _svi_step(batches: list[dict]) -> Callable:
-    """Bayesian LoRA: Trace_ELBO loss of model/AutoNormal guide, AdamW over the param store."""
+def _svi_step(batches: list[dict], lora=None) -> Callable:
+    """Bayesian LoRA: Trace_ELBO loss of model/AutoNormal guide, AdamW over the param store.
+    ``lora`` defaults to ``BayesianLoRA`` of a fresh peft MiniLM (backbone in eval mode)."""
     import pyro
     from pyro.infer import Trace_ELBO
 
@@ -461,7 +462,7 @@ def _svi_step(batches: list[dict]) -> Callable:
     from pyro_llm.infer.svi import _param_store_tensors
 
     pyro.clear_param_store()
-    lora = pyro_llm.BayesianLoRA(_peft_minilm())  # backbone in eval mode, as loaded
+    lora = lora if lora is not None else pyro_llm.BayesianLoRA(_peft_minilm())
     size = BATCH * N_BATCHES
 
     def model(input_ids, attention_mask, labels, index):

@@ -158,11 +158,7 @@ def predict_over_map(cost, sides: Iterable[str], *, top: bool, vectorize: bool):
 def svi_top_cached_over_map(cost, sides: Iterable[str]):
     """SVI step with the top block's adapter random and the frozen prefix cached, over a peft
     MAP step of the same adapter (both without dropout: like for like)."""
-    import pyro
-    from pyro.infer import Trace_ELBO
-
     import pyro_llm
-    from pyro_llm.infer.svi import _param_store_tensors
 
     sides = set(sides)
     cost._seed_all()
@@ -175,21 +171,9 @@ def svi_top_cached_over_map(cost, sides: Iterable[str]):
         den = cost._train_step(params, lambda b: net(**{k: b[k] for k in keys}).loss, batches,
                                **cost._defaults(pyro_llm.fit_map))
     if "numerator" in sides:
-        pyro.clear_param_store()
-        net = _peft(cost, True)
-        cache = pyro_llm.PrefixCache("1GiB", verbose=False)
-        lora = pyro_llm.BayesianLoRA(net, prior=1.0, prefix_cache=cache)
-        size = cost.BATCH * cost.N_BATCHES
-
-        def model(input_ids, attention_mask, labels, index):
-            logits = lora(input_ids=input_ids, attention_mask=attention_mask).logits
-            pyro_llm.likelihoods.categorical("y", logits, labels, size, index)
-
-        guide = pyro_llm.make_guide(model, "normal", init_values=lora)
-        elbo = Trace_ELBO()
-        params = list(_param_store_tensors(model, guide, batches[0], elbo).values())
-        num = cost._train_step(params, lambda b: elbo.differentiable_loss(model, guide, **b),
-                               batches, **cost._defaults(pyro_llm.fit_svi))
+        lora = pyro_llm.BayesianLoRA(_peft(cost, True), prior=1.0,
+                                     prefix_cache=pyro_llm.PrefixCache("1GiB", verbose=False))
+        num = cost._svi_step(batches, lora)
     settings = _settings(
         cost, adapters="top block (layers_to_transform=[5]); classifier head trainable in both",
         map="peft model in eval mode (no dropout), HF loss, AdamW (fit_map's loop body)",

@@ -321,10 +321,16 @@ def _linear_hook(w: torch.Tensor, b: torch.Tensor | None, s: int):
 
 
 def _delta_hook(a: torch.Tensor, b: torch.Tensor, scaling: float, dropout, s: int):
+    """Add ``scaling * (x_s A_s^T) B_s^T`` to the base output: one ``bmm`` to rank r, then one
+    ``baddbmm`` that scales and adds in the same pass (no separate elementwise passes)."""
+
     def hook(module, args, output):
         x = dropout(args[0])
-        xs = x.reshape(s, -1, x.shape[-1]).to(a.dtype)
-        d = torch.bmm(torch.bmm(xs, a.transpose(-1, -2)), b.transpose(-1, -2))
+        xa = torch.bmm(x.reshape(s, -1, x.shape[-1]).to(a.dtype), a.transpose(-1, -2))
+        if output.dtype == a.dtype and output.is_contiguous():
+            out = output.reshape(s, -1, output.shape[-1])
+            return torch.baddbmm(out, xa, b.transpose(-1, -2), alpha=scaling).reshape(output.shape)
+        d = torch.bmm(xa, b.transpose(-1, -2))
         return output + (d * scaling).reshape(output.shape).to(output.dtype)
 
     return hook
