@@ -117,6 +117,9 @@ def predict_probs(
         draws = posterior.sample(num_samples)
     else:
         draws = list(posterior)
+    if not draws:
+        raise ValueError("no posterior draws were given; pass a Posterior or a non-empty list "
+                         "of draws (or posterior=None for the point prediction)")
     if sample_batch is not None and sample_batch < 1:
         raise ValueError(f"sample_batch must be >= 1, got {sample_batch}")
     mode = vectorize if draws[0] is not None and len(draws) > 1 else False

@@ -342,6 +342,10 @@ def test_predict_probs_vectorised_equals_the_loop_and_falls_back():
         got = predict_probs(one_at_a_time, data, draws, progress=False)
     torch.testing.assert_close(got, predict_probs(one_at_a_time, data, draws, progress=False,
                                                   vectorize=False))
+    with pytest.raises(ValueError, match="no posterior draws"):
+        predict_probs(f, data, [], progress=False)
+    with pytest.raises(ValueError, match="sample_batch"):
+        predict_probs(f, data, draws, progress=False, sample_batch=0)
     with pytest.raises(ValueError, match="stacked draws .IndexError"):
         predict_probs(one_at_a_time, data, draws, progress=False, vectorize=True)
 
