@@ -234,3 +234,17 @@ def test_transformer_dict_batches_head_reinitialised(tmp_path):
         input_ids=input_ids, attention_mask=attention_mask).logits.softmax(-1), data,
         posterior=loaded.members, progress=False)
     assert torch.allclose(ens.predict(data, progress=False), via, atol=1e-6)
+
+
+def test_batched_predict_falls_back_when_a_member_tensor_is_frozen():
+    """A frozen head is not a BayesianLoRA site: the batched path would ignore the members'
+    heads, so predict writes each member in turn instead (and gets their heads right)."""
+    net, data = head_mlp(), batches()
+    ens = fit_ensemble(net, data, 2, **FIT)
+    head = "base_model.model.2.modules_to_save.default.weight"
+    assert head in ens.names
+    net.get_parameter(head).requires_grad_(False)
+    assert ens._runner() is None
+    got = ens.predict(data, progress=False)
+    torch.testing.assert_close(got, ens.predict(data, progress=False, vectorize=False))
+    assert not torch.allclose(got[0], got[1])

@@ -114,9 +114,11 @@ class EnsemblePosterior(Posterior):
         from ..lora import BayesianLoRA
 
         try:
-            return BayesianLoRA(self.peft_model, prior=1.0, select=set(self.names))
+            runner = BayesianLoRA(self.peft_model, prior=1.0, select=set(self.names))
         except (ValueError, TypeError):
             return None
+        # every member tensor must be a site (a frozen head would not be): else the loop
+        return runner if set(runner.random_names) == set(self.names) else None
 
     @property
     def names(self) -> list[str]:
