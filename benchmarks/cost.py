@@ -389,8 +389,9 @@ def _minilm_batches(n_batches: int | None = None) -> list[dict]:
     return out
 
 
-def _peft_minilm():
-    """A fresh peft MiniLM classifier, identical across calls (seeded head and LoRA init)."""
+def _peft_minilm(**lora):
+    """A fresh peft MiniLM classifier, identical across calls (seeded head and LoRA init);
+    ``lora`` overrides entries of ``LORA`` (e.g. ``layers_to_transform=[5]``)."""
     import peft
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -404,7 +405,20 @@ def _peft_minilm():
     torch.manual_seed(SEED)
     base = AutoModelForSequenceClassification.from_pretrained(pyro_llm.data.minilm_path(),
                                                               num_labels=2)
-    return peft.get_peft_model(base, peft.LoraConfig(**LORA))
+    return peft.get_peft_model(base, peft.LoraConfig(**dict(LORA, **lora)))
+
+
+def _seed_lora_b(net, std: float = 0.05):
+    """Seeded ``N(0, std^2)`` values in every ``lora_B`` (peft starts them at zero): a stand-in for
+    fine-tuned weights, so that adapters change the outputs. Returns ``net`` in eval mode."""
+    import torch
+
+    g = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return net.eval()
 
 
 def _defaults(fit: Callable) -> dict:

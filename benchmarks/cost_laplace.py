@@ -74,17 +74,11 @@ def _size(cost, sizes: tuple[int, int]) -> int:
 def _fitted_model(cost):
     """A peft MiniLM in eval mode with seeded random ``lora_B`` (a stand-in for fine-tuned LoRA
     weights) and the classifier head frozen, so only the 24 LoRA matrices are trainable."""
-    import torch
-
-    net = cost._peft_minilm()
-    g = torch.Generator().manual_seed(cost.SEED + 1)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(B_STD * torch.randn(p.shape, generator=g))
-            if ".modules_to_save." in name:
-                p.requires_grad_(False)
-    return net.eval()
+    net = cost._seed_lora_b(cost._peft_minilm(), B_STD)
+    for name, p in net.named_parameters():
+        if ".modules_to_save." in name:
+            p.requires_grad_(False)
+    return net
 
 
 def _param_bytes(net) -> dict:

@@ -76,25 +76,7 @@ def register_rows(cost) -> None:
 # ---------------------------------------------------------------------------- helpers
 def _peft(cost, top: bool):
     """MiniLM + LoRA (top block only, or all), seeded, with non-zero B as after fine-tuning."""
-    import peft
-    import torch
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging
-
-    import pyro_llm
-
-    logging.set_verbosity_error()
-    torch.manual_seed(cost.SEED)
-    base = AutoModelForSequenceClassification.from_pretrained(pyro_llm.data.minilm_path(),
-                                                              num_labels=2)
-    cfg = dict(cost.LORA, layers_to_transform=[TOP]) if top else dict(cost.LORA)
-    net = peft.get_peft_model(base, peft.LoraConfig(**cfg))
-    g = torch.Generator().manual_seed(cost.SEED + 1)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if ".lora_B." in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return net.eval()
+    return cost._seed_lora_b(cost._peft_minilm(**({"layers_to_transform": [TOP]} if top else {})))
 
 
 def _draws(lora, s: int = S, scale: float = 0.05):
@@ -257,12 +239,7 @@ def predict_smollm2_over_map(cost, sides: Iterable[str]):
 
     def load():
         net, tok = pyro_llm.models.lora_causal_lm(layers_to_transform=[29])
-        g = torch.Generator().manual_seed(cost.SEED + 1)
-        with torch.no_grad():
-            for n, p in net.named_parameters():
-                if ".lora_B." in n:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
-        return net.eval(), tok
+        return cost._seed_lora_b(net), tok
 
     net, tok = load()
     tok.padding_side = "left"

@@ -75,8 +75,20 @@ class Plan:
     layer_of: dict[str, tuple[str, str]]  # peft name -> (LoRA module name, "A" | "B")
     block_of: dict[str, float]
     adapter: str
+    module_order: dict[str, int] = field(default_factory=dict)  # registration order of modules
     returns_tuple: bool | None = None  # what a block returns; learnt on the first prefix pass
     extra: dict = field(default_factory=dict)
+
+    def position(self, name: str) -> float:
+        """Block index of a parameter or buffer ``name``; ``-1`` before the blocks, ``inf`` after
+        them (by where its module was registered)."""
+        if self.blocks_name and name.startswith(self.blocks_name + "."):
+            return int(name[len(self.blocks_name) + 1:].split(".", 1)[0])
+        owner = name.rsplit(".", 1)[0]
+        while owner and owner not in self.module_order:
+            owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+        start = self.module_order.get(self.blocks_name, 0)
+        return _BEFORE if self.module_order.get(owner, 0) < start else _AFTER
 
 
 def plan_for(model: torch.nn.Module, names: list[str], adapter: str) -> Plan:
@@ -90,17 +102,9 @@ def plan_for(model: torch.nn.Module, names: list[str], adapter: str) -> Plan:
     found = find_blocks(model, [m for m, _ in layer_of.values()])
     blocks_name, blocks = found if found else (None, None)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    start = order.get(blocks_name, 0)
-    block_of = {}
-    for n in names:
-        if blocks_name and n.startswith(blocks_name + "."):
-            block_of[n] = int(n[len(blocks_name) + 1:].split(".", 1)[0])
-            continue
-        owner = n.rsplit(".", 1)[0]
-        while owner and owner not in order:
-            owner = owner.rsplit(".", 1)[0] if "." in owner else ""
-        block_of[n] = _BEFORE if order.get(owner, 0) < start else _AFTER
-    return Plan(blocks, blocks_name, layer_of, block_of, adapter)
+    plan = Plan(blocks, blocks_name, layer_of, {}, adapter, module_order=order)
+    plan.block_of = {n: plan.position(n) for n in names}
+    return plan
 
 
 def prefix_depth(plan: Plan, varying: list[str]) -> int:

@@ -14,13 +14,16 @@ import torch
 __all__ = ["categorical", "gaussian_regression"]
 
 
+# plates that vectorise over draws (Pyro's particles, Predictive(parallel=True)), not over data
+DRAW_PLATES = ("num_particles_vectorized", "_num_predictive_samples")
+
+
 def _draw_plates() -> int:
-    """How many plates over draws (vectorised particles, parallel Predictive) are active."""
+    """How many plates over draws are active."""
     from pyro.poutine.indep_messenger import IndepMessenger
     from pyro.poutine.runtime import _PYRO_STACK
 
-    names = ("num_particles_vectorized", "_num_predictive_samples")
-    return sum(isinstance(m, IndepMessenger) and m.name in names for m in _PYRO_STACK)
+    return sum(isinstance(m, IndepMessenger) and m.name in DRAW_PLATES for m in _PYRO_STACK)
 
 
 def _check_index(index: torch.Tensor, n: int, size: int, name: str) -> None:

@@ -39,6 +39,7 @@ from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 
 from . import batched as _batched
+from .likelihoods import DRAW_PLATES
 from .priors import AdapterPrior, as_prior, select
 
 __all__ = ["BayesianLoRA", "find_lora_parameters"]
@@ -94,12 +95,9 @@ def find_lora_parameters(model: torch.nn.Module, adapter_name: str | None = None
     return names
 
 
-# plates that vectorise over draws (Pyro's particles, Predictive(parallel=True)), not over data
-_DRAW_PLATES = ("num_particles_vectorized", "_num_predictive_samples")
-
-
 def _in_plate() -> bool:
-    return any(isinstance(m, IndepMessenger) and m.dim is not None and m.name not in _DRAW_PLATES
+    """Inside a plate over data (plates over draws do not count)."""
+    return any(isinstance(m, IndepMessenger) and m.dim is not None and m.name not in DRAW_PLATES
                for m in _PYRO_STACK)
 
 

@@ -10,7 +10,6 @@ posterior). Each carries a ``fingerprint`` (a hash of the tensors it predicts wi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import warnings
@@ -18,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .lora import _train_mode
 from .posterior import Posterior, predict_probs
 
 __all__ = ["map_predictor", "posterior_predictor", "method_predictor"]
@@ -52,17 +52,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    before = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in before:
-            m.training = t
-
-
 def map_predictor(model: torch.nn.Module, tokenizer, *, max_length: int = 128,
                   logits_fn: Callable | None = None) -> Callable[[list[str]], torch.Tensor]:
     """``texts -> (B, C)`` softmax probabilities of a (peft) model in eval mode.
@@ -76,7 +65,7 @@ def map_predictor(model: torch.nn.Module, tokenizer, *, max_length: int = 128,
 
     @torch.no_grad()
     def predict(texts):
-        with _eval_mode(model):
+        with _train_mode(model, False):
             return logits_fn(model, _tokenize(tokenizer, texts, max_length, device)).float().softmax(-1)
 
     own = {n: p for n, p in model.named_parameters()

@@ -22,7 +22,6 @@ first fill logs it (``verbose``).
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import sys
 from pathlib import Path
@@ -223,18 +222,4 @@ def _prefix_names(model, plan, k: int) -> list[str]:
     """Parameter and buffer names the prefix reads: those of modules registered before the
     blocks, and of blocks ``0 .. k-1``."""
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    start = order.get(plan.blocks_name, math.inf)
-    inside = [f"{plan.blocks_name}.{j}." for j in range(k)]
-    out = []
-    for n in names:
-        if n.startswith(plan.blocks_name + "."):
-            if any(n.startswith(p) for p in inside):
-                out.append(n)
-            continue
-        owner = n.rsplit(".", 1)[0]
-        while owner and owner not in order:
-            owner = owner.rsplit(".", 1)[0] if "." in owner else ""
-        if order.get(owner, 0) < start:
-            out.append(n)
-    return out
+    return [n for n in names if plan.position(n) < k]

@@ -38,7 +38,6 @@ import hashlib
 import itertools
 import json
 import numbers
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ._io import save_safetensors
+from ._io import write_json as _write_json
 from .metrics import decompose
 
 __all__ = ["code_corpus", "load_coded", "iter_coded", "CodedCorpus", "CodingRun",
@@ -339,29 +340,11 @@ def _shard_file(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def _write_shard(out_dir: Path, k: int, tensors: dict, keys: list | None, first_row: int) -> None:
-    from safetensors.torch import save_file
-
     meta = {"first_row": str(first_row)}
     if keys is not None:
         meta["ids"] = json.dumps(keys)
-    tmp = out_dir / (_shard_file(k) + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    _fsync(tmp)
-    os.replace(tmp, out_dir / _shard_file(k))
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    save_safetensors(out_dir / _shard_file(k), tensors, metadata=meta)
 
 
 def _finish(out_dir: Path, man: dict) -> None:

@@ -30,6 +30,17 @@ def _draws(lora, s, seed=0, scale=0.3):
              for n in lora.random_names} for _ in range(s)]
 
 
+def _stacked_and_looped(call, draws):
+    """``call()`` under the draws stacked, and under each draw in turn (stacked on axis 0)."""
+    with torch.no_grad(), poutine.condition(data=stack_draws(draws)):
+        stacked = call()
+    looped = []
+    for d in draws:
+        with torch.no_grad(), poutine.condition(data=d):
+            looped.append(call())
+    return stacked, torch.stack(looped)
+
+
 def _loop(lora, fn, draws, ids, mask):
     out = []
     for d in draws:
@@ -104,14 +115,8 @@ def test_drawn_classifier_head_is_batched_too():
         p.requires_grad_(n in names)
     lora = pyro_llm.BayesianLoRA(net, prior=0.5, select=names)
     x = torch.randn(6, 4)
-    draws = _draws(lora, 3)
-    with torch.no_grad(), poutine.condition(data=stack_draws(draws)):
-        got = lora(x)
-    want = []
-    for d in draws:
-        with torch.no_grad(), poutine.condition(data=d):
-            want.append(lora(x))
-    torch.testing.assert_close(got, torch.stack(want), **TOL)
+    got, want = _stacked_and_looped(lambda: lora(x), _draws(lora, 3))
+    torch.testing.assert_close(got, want, **TOL)
     assert features.class_logits(got).shape == (3, 6, 3)
 
 
@@ -358,14 +363,8 @@ def test_blocks_are_found_and_models_without_blocks_still_batch():
     mlp = pyro_llm.BayesianLoRA(mlp_peft(), prior=0.3)
     assert mlp.plan.blocks is None
     x = torch.randn(5, 4)
-    d = _draws(mlp, 3)
-    with torch.no_grad(), poutine.condition(data=stack_draws(d)):
-        got = mlp(x)
-    want = []
-    for draw in d:
-        with torch.no_grad(), poutine.condition(data=draw):
-            want.append(mlp(x))
-    torch.testing.assert_close(got, torch.stack(want), **TOL)
+    got, want = _stacked_and_looped(lambda: mlp(x), _draws(mlp, 3))
+    torch.testing.assert_close(got, want, **TOL)
 
 
 def test_adapter_on_the_top_block_of_real_minilm_shares_its_prefix():

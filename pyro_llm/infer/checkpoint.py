@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .._io import save_safetensors, write_json
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -39,11 +41,8 @@ def save_checkpoint(
                 scalars.setdefault(n, {})[k] = float(v)
     tensors["rng/torch"] = torch.get_rng_state()
     meta = dict(meta, optim_scalars=scalars, param_names=names)
-    tmp_t, tmp_m = d / (_TENSORS + ".tmp"), d / (_META + ".tmp")
-    save_file(tensors, str(tmp_t))
-    tmp_m.write_text(json.dumps(meta))
-    os.replace(tmp_t, d / _TENSORS)
-    os.replace(tmp_m, d / _META)
+    save_safetensors(d / _TENSORS, tensors)
+    write_json(d / _META, meta, indent=None)
 
 
 def load_checkpoint(

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from .._io import save_safetensors
+from .._io import write_json as _write_json
 
 _INFO = "ensemble.json"
 _VERSION = 1
@@ -32,12 +34,6 @@ def _describe(v):
     if callable(v) and hasattr(v, "__qualname__"):
         return f"{getattr(v, '__module__', '')}.{v.__qualname__}"
     return type(v).__name__
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _check_or_write_settings(out: Path, settings: dict) -> None:
@@ -63,12 +59,8 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
 
 
 def _save_member(out: Path, k: int, member: Mapping[str, torch.Tensor], info: dict) -> None:
-    from safetensors.torch import save_file
-
     tensors = {n: v.detach().cpu().contiguous() for n, v in member.items()}
-    tmp = out / f".{_member_file(k)}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"info": json.dumps(_describe(info))})
-    os.replace(tmp, out / _member_file(k))
+    save_safetensors(out / _member_file(k), tensors, metadata={"info": json.dumps(_describe(info))})
 
 
 def _load_member(f: Path, params: Mapping[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor], dict]:
