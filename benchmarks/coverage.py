@@ -36,48 +36,99 @@ QUICK_R, FULL_R = 200, 1000
 JOINT_DRAWS = 200  # posterior draws per joint fit (the interval's quantiles)
 
 
+def _kwargs(kwargs: dict, coef: str) -> dict:
+    """The ``regress`` keywords of a run; ``method="dr"`` falls back to PPI++ (``ptd`` on the same
+    predictions) while the library has no ``dr`` (the result then says ``"stand_in": "ptd"``)."""
+    import inspect
+
+    from pyro_llm.regression import api
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if kwargs["method"] == "dr" and "dr" not in api.METHODS:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("fold_ids", "prob", "cluster")}
+        kwargs.update(method="ptd", tune_for=coef)
+    if kwargs["method"] == "joint":
+        kwargs = {"num_draws": JOINT_DRAWS, **kwargs}
+    if "progress" in inspect.signature(api.regress).parameters:
+        kwargs.setdefault("progress", False)
+    return kwargs
+
+
 def _one(args):
     name, variant, seed, methods = args
     import torch
 
+    from benchmarks import bound
     from pyro_llm.regression import regress
 
     torch.set_num_threads(1)
     fn, _ = scenarios.SCENARIOS[name]
     rep = fn(seed, **variant)
-    out = {"llm_s": rep.llm_s, "info": rep.info, "methods": {}}
+    out = {"llm_s": rep.llm_s, "info": rep.info, "methods": {}, "default": rep.default,
+           "reference": rep.reference, "errors": {}}
+    if rep.oracle is not None:
+        start = time.perf_counter()
+        sd, impl = bound.bound_sd(rep)
+        out.update(bound_width=2 * bound.Z975 * sd, bound_kind=rep.oracle.kind, bound_impl=impl,
+                   bound_s=time.perf_counter() - start)
     for label, kwargs in rep.runs.items():
         if methods and label not in methods:
             continue
         start = time.perf_counter()
-        if callable(kwargs):  # a method outside regress (B3's end-to-end model)
-            res = kwargs()
-        else:
-            res = regress(rep.df, rep.formula, label=rep.label, role=rep.role, seed=seed,
-                          **{"num_draws": JOINT_DRAWS, **kwargs} if kwargs["method"] == "joint" else kwargs)
+        try:
+            if callable(kwargs):  # a method outside regress (B3's end-to-end model)
+                res = kwargs()
+            else:
+                call = _kwargs(kwargs, rep.coef)
+                res = regress(rep.df, rep.formula, label=rep.label, role=rep.role, seed=seed, **call)
+        except Exception as err:  # noqa: BLE001 - one failed fit is a result, not the end of the run
+            out["errors"][label] = f"{type(err).__name__}: {err}"[:300]
+            continue
         secs = time.perf_counter() - start
         est = res[rep.coef]
         # the point estimate: the posterior median for draw-based methods (robust to tails)
         out["methods"][label] = {"est": est["median"], "lower": est["lower"], "upper": est["upper"],
                                  "truth": rep.truth, "s": secs}
+        if not callable(kwargs) and call["method"] != kwargs["method"]:
+            out["methods"][label]["stand_in"] = call["method"]
     return out
 
 
 def summarise(reps: list[dict]) -> dict:
     out = {}
-    labels = dict.fromkeys(label for r in reps for label in r["methods"])
+    labels = dict.fromkeys(label for r in reps for label in [*r["methods"], *r.get("errors", {})])
     for label in labels:  # a method may run on a subset of replications (its own R)
         rows = [r["methods"][label] for r in reps if label in r["methods"]]
+        failures = [r["errors"][label] for r in reps if label in r.get("errors", {})]
+        if not rows:
+            out[label] = {"R": 0, "failures": len(failures), "first_error": failures[0]}
+            continue
         err = np.array([x["est"] - x["truth"] for x in rows])
         cover = np.array([x["lower"] <= x["truth"] <= x["upper"] for x in rows])
         c, R = float(cover.mean()), len(rows)
-        out[label] = {"bias": float(err.mean()), "bias_mcse": float(err.std(ddof=1) / math.sqrt(R)),
+        out[label] = {"bias": float(err.mean()),
+                      "bias_mcse": float(err.std(ddof=1) / math.sqrt(R)) if R > 1 else float("nan"),
                       "rmse": float(np.sqrt((err ** 2).mean())), "coverage": c,
                       "coverage_mcse": math.sqrt(max(c * (1 - c), 1e-12) / R),
                       "width": float(np.mean([x["upper"] - x["lower"] for x in rows])),
                       "width_median": float(np.median([x["upper"] - x["lower"] for x in rows])),
                       "sec_per_rep": float(np.mean([x["s"] for x in rows])), "R": R}
+        stand_in = {x["stand_in"] for x in rows if "stand_in" in x}
+        if stand_in:
+            out[label]["stand_in"] = sorted(stand_in)[0]
+        if failures:
+            out[label].update(failures=len(failures), first_error=failures[0])
     return out
+
+
+def _ratios(result: dict) -> None:
+    """``width_over_bound`` and ``width_over_ppi`` of every method (mean widths over replications)."""
+    ref = result["methods"].get(result.get("reference") or "", {})
+    for m in result["methods"].values():
+        if "width" not in m:
+            continue
+        m["width_over_bound"] = m["width"] / result["bound_width"] if result.get("bound_width") else None
+        m["width_over_ppi"] = m["width"] / ref["width"] if ref.get("width") else None
 
 
 def run_scenario(name: str, variant: dict, R: int, workers: int, index: int, methods=None) -> dict:
@@ -88,38 +139,82 @@ def run_scenario(name: str, variant: dict, R: int, workers: int, index: int, met
             reps = list(pool.map(_one, jobs, chunksize=max(1, R // (8 * workers))))
     else:
         reps = [_one(j) for j in jobs]
-    return {"scenario": name, "variant": variant, "R": R, "methods": summarise(reps),
-            "llm_s": float(np.mean([r["llm_s"] for r in reps])),
-            "wall_s": time.perf_counter() - start,
-            "info": {k: float(np.mean([r["info"][k] for r in reps])) for k in reps[0]["info"]}}
+    result = {"scenario": name, "variant": variant, "R": R, "default": reps[0]["default"],
+              "reference": reps[0]["reference"], "methods": summarise(reps),
+              "llm_s": float(np.mean([r["llm_s"] for r in reps])),
+              "wall_s": time.perf_counter() - start,
+              "info": {k: float(np.mean([r["info"][k] for r in reps])) for k in reps[0]["info"]}}
+    if "bound_width" in reps[0]:
+        result.update(bound_width=float(np.mean([r["bound_width"] for r in reps])),
+                      bound_kind=reps[0]["bound_kind"], bound_impl=reps[0]["bound_impl"],
+                      bound_s=float(np.mean([r["bound_s"] for r in reps])))
+    _ratios(result)
+    return result
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _reference(res: dict):
+    """The PPI++ run widths are compared with (older JSON: the first PPI++ that is not "reuse")."""
+    if res.get("reference") in res["methods"]:
+        return res["methods"][res["reference"]]
+    return next((m for k, m in res["methods"].items() if k.startswith("ppi++") and "reuse" not in k), None)
+
+
+def _relative(res: dict, m: dict) -> tuple[str, str]:
+    ppi, bw = _reference(res), res.get("bound_width")
+    over_bound = m["width"] / bw if bw else None
+    over_ppi = m["width"] / ppi["width"] if ppi and ppi.get("width") else None
+    return _ratio(over_bound), _ratio(over_ppi)
 
 
 def table(result: dict) -> str:
+    bound = (f"  bound width={result['bound_width']:.4f} ({result['bound_kind']}, {result['bound_impl']})"
+             if result.get("bound_width") else "")
     lines = [f"{result['scenario']} {result['variant']}  R={result['R']}  "
              + "  ".join(f"{k}={v:.3f}" for k, v in result["info"].items())
-             + (f"  llm_s={result['llm_s']:.1f}" if result["llm_s"] else ""),
+             + (f"  llm_s={result['llm_s']:.1f}" if result["llm_s"] else "") + bound,
              f"  {'method':<26}{'R':>5}{'bias':>9}{'rmse':>8}{'coverage':>10}{'(mcse)':>8}"
-             f"{'width':>8}{'(median)':>9}{'s/rep':>8}"]
+             f"{'width':>8}{'(median)':>9}{'/bound':>8}{'/PPI++':>8}{'s/rep':>8}"]
     for label, m in result["methods"].items():
-        lines.append(f"  {label:<26}{m['R']:>5}{m['bias']:>9.4f}{m['rmse']:>8.4f}{m['coverage']:>10.3f}"
-                     f"{m['coverage_mcse']:>8.3f}{m['width']:>8.4f}{m['width_median']:>9.4f}"
-                     f"{m['sec_per_rep']:>8.2f}")
+        name = label + (" *" if label == result.get("default") else "")
+        if not m["R"]:
+            lines.append(f"  {name:<26}{0:>5}  all {m['failures']} failed: {m['first_error'][:80]}")
+            continue
+        rb, rp = _relative(result, m)
+        note = (f"  [{m['failures']} failed]" if m.get("failures") else "") + (
+            f"  [stand-in: {m['stand_in']}]" if m.get("stand_in") else "")
+        lines.append(f"  {name:<26}{m['R']:>5}{m['bias']:>9.4f}{m['rmse']:>8.4f}{m['coverage']:>10.3f}"
+                     f"{m['coverage_mcse']:>8.3f}{m['width']:>8.4f}{m['width_median']:>9.4f}{rb:>8}{rp:>8}"
+                     f"{m['sec_per_rep']:>8.2f}{note}")
     return "\n".join(lines)
 
 
 def markdown(results: list[dict]) -> str:
-    """The README's table: one row per scenario and method."""
-    lines = ["| scenario | method | R | bias | RMSE | coverage (MC s.e.) | width (median) | width / PPI++ "
-             "| s/rep |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """The README's table: one row per scenario and method (the default in bold), and a row with the
+    efficiency bound's width; widths also as ratios to the bound and to PPI++."""
+    lines = ["| scenario | method | R | bias | RMSE | coverage (MC s.e.) | width (median) | width ÷ bound "
+             "| width ÷ PPI++ | s/rep |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for res in results:
         name = res["scenario"] + ("" if not res["variant"] else " " + ", ".join(
             f"{k}={v}" for k, v in res["variant"].items()))
-        ppi = next((m for k, m in res["methods"].items() if k.startswith("ppi++") and "reuse" not in k), None)
+        ppi = _reference(res)
+        if res.get("bound_width"):
+            rel = _ratio(res["bound_width"] / ppi["width"]) if ppi and ppi.get("width") else "-"
+            lines.append(f"| {name} | efficiency bound ({res['bound_kind']}) | {res['R']} | | | | "
+                         f"{res['bound_width']:.4f} | 1.00 | {rel} | |")
         for label, m in res["methods"].items():
-            rel = f"{m['width'] / ppi['width']:.2f}" if ppi else "-"
-            lines.append(f"| {name} | {label} | {m['R']} | {m['bias']:+.4f} | {m['rmse']:.4f} | "
+            shown = f"**{label}**" if label == res.get("default") else label
+            if not m["R"]:
+                lines.append(f"| {name} | {shown} | 0 | failed ({m['failures']}) | | | | | | |")
+                continue
+            rb, rp = _relative(res, m)
+            lines.append(f"| {name} | {shown} | {m['R']} | {m['bias']:+.4f} | {m['rmse']:.4f} | "
                          f"{m['coverage']:.3f} ({m['coverage_mcse']:.3f}) | {m['width']:.4f} "
-                         f"({m['width_median']:.4f}) | {rel} | {m['sec_per_rep']:.2f} |")
+                         f"({m['width_median']:.4f}) | {rb} | {rp} | {m['sec_per_rep']:.2f} |")
     return "\n".join(lines)
 
 

@@ -123,8 +123,8 @@ def s1(seed: int, N: int = 2000, n: int = 500, folds: int = 5):
     """Real reviews as the corpus; z = fresh; Q and Y simulated around z as in B1."""
     import pandas as pd
 
-    from benchmarks.scenarios import Replicate, lora_runs
-    from pyro_llm.regression.crossfit import crossfit
+    from benchmarks.scenarios import Replicate, lora_oracle, lora_runs
+    from pyro_llm.regression.crossfit import crossfit, fold_ids
 
     _, _, gold = prefix_states()
     rng = np.random.default_rng(seed)
@@ -143,5 +143,6 @@ def s1(seed: int, N: int = 2000, n: int = 500, folds: int = 5):
     oof = crossfit(fold, lab, folds, seed)
     llm_s = time.perf_counter() - start
     df = pd.DataFrame({"y": y, "q": q, "z": np.where(lab, z, np.nan)})
-    runs, info = lora_runs(full, oof, z, lab)
-    return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0, runs, llm_s, info)
+    runs, info = lora_runs(full, oof, z, lab, fold_ids(lab, folds, seed))
+    return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0, runs, llm_s, info,
+                     oracle=lora_oracle(z, oof, q, y))

@@ -8,62 +8,64 @@ arguments). Q ~ N(0, 1), ε ~ N(0, 1) throughout.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+from scipy.special import ndtr
 
-N_CORPUS = 10_000
+from benchmarks.common import (N_CORPUS, Oracle, Replicate, cached_calibrator, expit, fitted_oracle,
+                               labelled_mask, normal_score_posterior)
+from benchmarks.scenarios_more import MORE
 
+__all__ = ["N_CORPUS", "Oracle", "Replicate", "SCENARIOS", "b1", "b2", "b2_truth", "b3", "expit", "s1"]
 
-def expit(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-@dataclass
-class Replicate:
-    df: pd.DataFrame
-    formula: str
-    label: str
-    role: str
-    coef: str
-    truth: float
-    runs: dict[str, dict]
-    llm_s: float = 0.0          # seconds spent fitting and running the replicate's LLM
-    info: dict = field(default_factory=dict)
-
-
-def _labelled(rng, n_rows: int, n: int) -> np.ndarray:
-    mask = np.zeros(n_rows, bool)
-    mask[rng.choice(n_rows, n, replace=False)] = True
-    return mask
+_labelled = labelled_mask
 
 
 COEF = "z"  # the coefficient PPI++ tunes for in B1
 
 
-def b1(seed: int, a: float = 2.5, leak: float = 0.5, n: int = 500, N: int = N_CORPUS) -> Replicate:
-    """Coded binary covariate whose coding errors depend on Q (and on ε when leak > 0)."""
-    rng = np.random.default_rng(seed)
+def b1_draw(rng, N: int, a: float = 2.5, leak: float = 0.5) -> dict:
+    """One B1 corpus: Q, ε, z, Y and the LLM's log-odds-like score s."""
     q, eps = rng.normal(size=N), rng.normal(size=N)
     z = (rng.random(N) < expit(-0.5 + 0.8 * q)).astype(int)
     y = 1 + 1.0 * z + 0.5 * q + eps
     s = a * (2 * z - 1) + 0.6 * q + leak * eps + rng.normal(size=N)
+    return {"q": q, "eps": eps, "z": z, "y": y, "s": s}
+
+
+def b1_oracle_probs(s, q, y, a: float = 2.5, leak: float = 0.5) -> np.ndarray:
+    """The true ``p(z | s, Q, Y)`` of B1, (N, 2): Bayes' rule on ``p(z | Q) p(Y | z, Q) p(s | z, Q, Y)``
+    with ε = Y − 1 − z − 0.5 Q (so ``s | z, Q, Y ~ N(a(2z − 1) + 0.6 Q + leak·ε, 1)``)."""
+    p1 = expit(-0.5 + 0.8 * q)
+    k = np.arange(2)
+    return normal_score_posterior(np.log(np.column_stack([1 - p1, p1])), y, 1 + k + 0.5 * q[:, None], s,
+                                  a * (2 * k - 1) + 0.6 * q[:, None], leak)
+
+
+def b1(seed: int, a: float = 2.5, leak: float = 0.5, n: int = 500, N: int = N_CORPUS) -> Replicate:
+    """Coded binary covariate whose coding errors depend on Q (and on ε when leak > 0)."""
+    rng = np.random.default_rng(seed)
+    d = b1_draw(rng, N, a, leak)
+    q, z, y, s = d["q"], d["z"], d["y"], d["s"]
     zhat = (s > 0).astype(int)
     lab = _labelled(rng, N, n)
+    calib = cached_calibrator(("B1", a, leak), lambda r, m: (lambda x: (x["z"], x["s"]))(b1_draw(r, m, a, leak)))
     df = pd.DataFrame({"y": y, "q": q, "z": np.where(lab, z, np.nan)})
     runs = {
+        "dr": {"method": "dr", "predictions": s},
         "naive": {"method": "naive", "predictions": zhat},
         "labelled_only": {"method": "labelled_only", "predictions": zhat},
-        "ppi++": {"method": "ptd", "predictions": zhat, "tune_for": COEF},
+        "ppi++": {"method": "ptd", "predictions": calib(s), "tune_for": COEF},
+        "ppi++ (labels)": {"method": "ptd", "predictions": zhat, "tune_for": COEF},
         "joint": {"method": "joint", "predictions": s},
-        "joint_dr": {"method": "joint_dr", "predictions": s, "tune_for": COEF},
     }
     if leak > 0:  # the same information as PPI++: the coded labels only
         runs["joint (labels)"] = {"method": "joint", "predictions": zhat}
     return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0, runs,
-                     info={"accuracy": float((zhat == z).mean())})
+                     info={"accuracy": float((zhat == z).mean())},
+                     oracle=Oracle(z, b1_oracle_probs(s, q, y, a, leak)))
 
 
 def _b2_draw(rng, N):
@@ -81,6 +83,17 @@ def b2_truth(rows: int = 2_000_000, seed: int = 20261122) -> float:
     return float(np.linalg.lstsq(X, z, rcond=None)[0][2])
 
 
+def b2_oracle_probs(q1, q2, zhat) -> np.ndarray:
+    """The true ``p(z | ẑ, Q1, Q2)`` of B2, (N, 2): prior ``p(z = 1 | Q) = Φ(0.5 Q1 − 0.3 Q2)``,
+    false positives ``expit(−4 + 0.8 Q2)``, false negatives ``expit(−3.5 − 0.8 Q1)``."""
+    p1 = ndtr(0.5 * q1 - 0.3 * q2)
+    fp, fn = expit(-4 + 0.8 * q2), expit(-3.5 - 0.8 * q1)
+    like0 = np.where(zhat == 1, fp, 1 - fp)
+    like1 = np.where(zhat == 1, 1 - fn, fn)
+    joint = np.column_stack([(1 - p1) * like0, p1 * like1])
+    return joint / joint.sum(1, keepdims=True)
+
+
 def b2(seed: int, n: int = 500, N: int = N_CORPUS) -> Replicate:
     """Coded binary outcome; false positives depend on Q2, false negatives on Q1."""
     rng = np.random.default_rng(seed)
@@ -88,14 +101,15 @@ def b2(seed: int, n: int = 500, N: int = N_CORPUS) -> Replicate:
     lab = _labelled(rng, N, n)
     df = pd.DataFrame({"q1": q1, "q2": q2, "z": np.where(lab, z, np.nan)})
     runs = {
+        "dr": {"method": "dr", "predictions": zhat},
         "naive": {"method": "naive", "predictions": zhat},
         "labelled_only": {"method": "labelled_only", "predictions": zhat},
         "ppi++": {"method": "ptd", "predictions": zhat, "tune_for": "q2"},
         "joint": {"method": "joint", "predictions": zhat},
-        "joint_dr": {"method": "joint_dr", "predictions": zhat, "tune_for": "q2"},
     }
     return Replicate(df, "z ~ q1 + q2", "z", "outcome", "q2", b2_truth(), runs,
-                     info={"accuracy": float((zhat == z).mean())})
+                     info={"accuracy": float((zhat == z).mean())},
+                     oracle=Oracle(z, b2_oracle_probs(q1, q2, zhat)))
 
 
 # ---------------------------------------------------------------- B3: a peft LoRA classifier
@@ -151,30 +165,40 @@ def lora_mlp_codes(x, labels, train_rows, predict_rows, seed: int, samples: int 
                                   seed=seed).numpy()
 
 
-def lora_runs(full, oof, z, lab, no_crossfit_joint: bool = False) -> tuple[dict, dict]:
-    """The methods of B3 and S1, from the all-labelled model's draws ``full`` (S, N, 2) and the
-    cross-fitted probabilities ``oof`` (N, 2); and the coder's accuracies."""
+def lora_runs(full, oof, z, lab, fold_ids=None, no_crossfit_joint: bool = False) -> tuple[dict, dict]:
+    """The methods of B3 and S1, from the all-labelled model's draws ``full`` (S, N, 2), the
+    cross-fitted probabilities ``oof`` (N, 2) and the fold that coded each row; and the coder's
+    accuracies. The default ``dr`` and the reference ``ppi++`` get the cross-fitted probabilities."""
     zhat, zhat_cf = full.mean(0).argmax(-1), oof.argmax(-1)
     runs = {
+        "dr": {"method": "dr", "predictions": oof, "fold_ids": fold_ids},
         "naive": {"method": "naive", "predictions": zhat},
         "labelled_only": {"method": "labelled_only", "predictions": zhat},
+        "ppi++": {"method": "ptd", "predictions": oof, "tune_for": "z"},
+        "ppi++ (cross-fit labels)": {"method": "ptd", "predictions": zhat_cf, "tune_for": "z"},
         "ppi++ (reuse)": {"method": "ptd", "predictions": zhat, "tune_for": "z"},
-        "ppi++ (cross-fit)": {"method": "ptd", "predictions": zhat_cf, "tune_for": "z"},
         "mi (LoRA draws)": {"method": "mi", "predictions": full},
     }
     if no_crossfit_joint:
         runs["joint (no cross-fit)"] = {"method": "joint", "predictions": full.mean(0)}
     runs["joint"] = {"method": "joint", "predictions": oof}
-    runs["joint_dr"] = {"method": "joint_dr", "predictions": oof, "tune_for": "z"}
     info = {"accuracy_in_sample": float((zhat == z)[lab].mean()),
             "accuracy_out_of_sample": float((zhat == z)[~lab].mean()),
             "accuracy_cross_fit": float((zhat_cf == z).mean())}
     return runs, info
 
 
+def lora_oracle(z, oof, q, y) -> Oracle:
+    """The oracle given this (cross-fitted) coder: ``p(z | s, Q, Y)`` from a multinomial logistic
+    fit of the true z on a spline of the cross-fitted log-odds, Q, Y and their products, on all N
+    rows (no analytic law exists for a fine-tuned classifier)."""
+    p = np.clip(oof[:, 1], 1e-6, 1 - 1e-6)
+    return Oracle(z, fitted_oracle(z, np.log(p / (1 - p)), np.column_stack([q, y])), "fitted on all rows")
+
+
 def b3(seed: int, n: int = 300, N: int = N_CORPUS, folds: int = 5) -> Replicate:
     """The classifier is a peft LoRA model fine-tuned on the same labelled rows."""
-    from pyro_llm.regression.crossfit import crossfit
+    from pyro_llm.regression.crossfit import crossfit, fold_ids
 
     rng = np.random.default_rng(seed)
     q, eps = rng.normal(size=N), rng.normal(size=N)
@@ -200,10 +224,11 @@ def b3(seed: int, n: int = 300, N: int = N_CORPUS, folds: int = 5) -> Replicate:
                               inputs=torch.as_tensor(x, dtype=torch.float32), steps=400, batch_size=2500,
                               seed=seed)
 
-    runs, info = lora_runs(full, oof, z, lab, no_crossfit_joint=True)
+    runs, info = lora_runs(full, oof, z, lab, fold_ids(lab, folds, seed), no_crossfit_joint=True)
     if seed % E2E_EVERY == 0:  # the end-to-end fit costs as much as the rest together
         runs["joint (end-to-end LoRA)"] = end_to_end
-    return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0, runs, llm_s, info)
+    return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0, runs, llm_s, info,
+                     oracle=lora_oracle(z, oof, q, y))
 
 
 def s1(seed: int, **variant) -> Replicate:
@@ -213,11 +238,13 @@ def s1(seed: int, **variant) -> Replicate:
     return run(seed, **variant)
 
 
+# Replication r of the i-th scenario here uses seed 1000 i + r: append new scenarios at the end.
 SCENARIOS = {
     "B1": (b1, [{"a": 2.5, "leak": 0.5}, {"a": 2.0, "leak": 0.0}]),
     "B2": (b2, [{}]),
-    "B3": (b3, [{}]),
+    "B3": (b3, [{"n": 150}, {"n": 300}, {"n": 1000}]),
     "S1": (s1, [{}]),
+    **MORE,
 }
 
 
