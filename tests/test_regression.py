@@ -167,15 +167,15 @@ def test_regress_from_a_dataframe_with_string_labels_and_factors():
     table = res.summary()
     assert list(table.index) == ["Intercept", "stance[T.pro]", "age", "C(region)[T.south]",
                                  "C(region)[T.west]"]
-    assert list(table.columns) == ["mean", "sd", "0.025", "0.975"]
-    assert (table["0.025"] < table["mean"]).all() and (table["mean"] < table["0.975"]).all()
+    assert list(table.columns) == ["estimate", "se", "z", "p", "0.025", "0.975"]
+    assert (table["0.025"] < table["estimate"]).all() and (table["estimate"] < table["0.975"]).all()
     assert res.info["classes"] == ("con", "pro")
     assert abs(res["stance[T.pro]"]["mean"] - 1.5) < 4 * res["stance[T.pro]"]["sd"]
     idata = res.to_arviz()
     assert set(idata.posterior.data_vars) == set(table.index)
     assert idata.posterior["age"].shape == (1, 300)
     naive = regress(df, "y ~ stance + age + C(region)", label="stance", predictions=logit, method="naive")
-    assert regress(df, "y ~ stance + age", label="stance", predictions=logit).method == "ptd"  # the default
+    assert regress(df, "y ~ stance + age", label="stance", predictions=logit).method == "dr"  # the default
     fig = forest_plot([res, naive], path=None)
     assert len(fig.axes) == 1 and len(fig.axes[0].get_yticks()) == 5
     both = compare([res, naive], coef="age")
@@ -215,19 +215,15 @@ def test_probabilities_and_logits_give_the_same_scores():
 
 def test_naive_equals_least_squares_on_the_coded_design():
     df, logit = survey_frame()
-    res = regress(df, "y ~ stance + age", label="stance", predictions=logit, method="naive")
+    coded = np.where(logit > 0, "pro", "con")
+    res = regress(df, "y ~ stance + age", label="stance", predictions=coded, method="naive")
     X = np.column_stack([np.ones(len(df)), logit > 0, df["age"]])
     np.testing.assert_allclose(res.coef, np.linalg.lstsq(X, df["y"], rcond=None)[0], rtol=1e-10)
-
-
-def test_multiple_imputation_with_certain_draws_is_the_gold_regression():
-    df, s, z = b1_frame(seed=1, N=600, n=100)
-    onehot = np.eye(2)[z]
-    res = regress(df, "y ~ z + q", label="z", predictions=np.stack([onehot] * 4), method="mi")
-    X = np.column_stack([np.ones(len(z)), z, df["q"]])
-    np.testing.assert_allclose(res.coef, np.linalg.lstsq(X, df["y"], rcond=None)[0], rtol=1e-10)
-    from pyro_llm.regression.estimators import ols
-    np.testing.assert_allclose(res.cov, ols(X, df["y"].to_numpy()).cov, rtol=1e-10)  # no between part
+    # with scores, the baselines use the expected design E[X(z)] = X(P(pro))
+    soft = regress(df, "y ~ stance + age", label="stance", predictions=logit, method="naive")
+    X[:, 1] = expit(logit)
+    np.testing.assert_allclose(soft.coef, np.linalg.lstsq(X, df["y"], rcond=None)[0], rtol=1e-10)
+    assert soft.info["predictions_used"] == "probabilities"
 
 
 def test_weighted_fit_matches_reference_fits():
@@ -273,9 +269,12 @@ def test_crossfit_predicts_every_row_with_a_model_that_did_not_see_it():
     (None, {"role": "outcome"}, "needs 'stance' alone on the left-hand side"),
     (None, {"method": "bayes"}, "method must be one of"),
     (None, {"predictions": np.zeros(5)}, r"one row per DataFrame row \(800\)"),
-    (None, {"predictions": np.zeros((800, 3))}, "3 columns but 'stance' has 2 classes"),
+    (None, {"predictions": -np.ones((800, 3))}, "3 columns but 'stance' has 2 classes"),
     (None, {"predictions": np.where(np.arange(800) % 2, "pro", "maybe")}, r"\['maybe'\] are not among"),
-    (None, {"method": "mi"}, r"needs posterior predictive draws"),
+    (None, {"method": "joint_dr"}, r"replaced by method='dr'"),
+    (None, {"method": "ptd", "cluster": "region"}, r"method='dr' only"),
+    (None, {"interval": "hpd"}, "interval must be one of"),
+    (None, {"prob": np.full(800, 1.5)}, r"must lie in \(0, 1\]"),
 ])
 def test_bad_input_is_a_clear_error(change, kwargs, match):
     df, logit = survey_frame()
@@ -302,7 +301,7 @@ def test_result_level_is_used_for_intervals():
     w90 = np.subtract(*r90.interval()[::-1])
     w95 = np.subtract(*r95.interval()[::-1])
     np.testing.assert_allclose(w90 / w95, 1.6448536 / 1.9599640, rtol=1e-6)
-    assert list(r90.summary().columns) == ["mean", "sd", "0.05", "0.95"]
+    assert list(r90.summary().columns)[-2:] == ["0.05", "0.95"]
     assert math.isclose(r95.level, 0.95)
     pyro.clear_param_store()
 
@@ -413,24 +412,6 @@ def test_fit_joint_lora_runs_on_a_peft_model_and_returns_coefficient_draws():
         fit_joint_lora(df, "y ~ z + q", label="z", lora=lora, inputs=xt[:10])
     with pytest.raises(TypeError, match="must be a pyro_llm.BayesianLoRA"):
         fit_joint_lora(df, "y ~ z + q", label="z", lora=pm, inputs=xt)
-
-
-def test_joint_dr_debiases_the_completion_models_predictions():
-    """Doubly robust: the completion model's E[z | m, F] as the PTD prediction. With a completion
-    model made useless (a measurement that is pure noise), it falls back to the labelled rows
-    (λ near 0) instead of trusting it; with an informative LLM it is narrower than labelled-only."""
-    df, s, _ = b1_frame(seed=2, N=6000, n=400, a=2.5, leak=0.5)
-    good = regress(df, "y ~ z + q", label="z", predictions=s, method="joint_dr", tune_for="z")
-    lab_only = regress(df, "y ~ z + q", label="z", predictions=s, method="labelled_only")
-    assert abs(good["z"]["mean"] - 1.0) < 3 * good["z"]["sd"]
-    assert good["z"]["sd"] < 0.5 * lab_only["z"]["sd"] and good.info["lam"] > 0.5
-    noise = np.random.default_rng(0).normal(size=len(df))
-    bad = regress(df, "y ~ z + q", label="z", predictions=noise, method="joint_dr", tune_for="z")
-    assert bad.info["lam"] < 0.3
-    assert abs(bad["z"]["mean"] - 1.0) < 3 * bad["z"]["sd"]
-    cdf, pred, _ = continuous_frame(N=300, n=50)
-    with pytest.raises(ValueError, match="categorical label"):
-        regress(cdf, "y ~ z + q", label="z", predictions=pred, method="joint_dr")
 
 
 def test_logistic_target_regression_with_a_coded_covariate():

@@ -1,20 +1,24 @@
 """Downstream inference with an LLM-coded variable, as a covariate or as the outcome.
 
-:func:`regress` goes from a DataFrame and a formula to a :class:`RegressionResult` with any of
-the estimators (``joint``, ``naive``, ``labelled_only``, ``ptd``, ``mi``). The joint estimator's
-Pyro model is in :mod:`.completion` and its draws in :mod:`.joint`; the classical baselines are
-in :mod:`.estimators`; :func:`crossfit` codes every row with a model that did not see its label;
-:func:`fit_joint_lora` is the fully joint model of seed 000 (the adapter informed by the
-regression as well).
+:func:`regress` goes from a DataFrame and a formula (and a text column with a LoRA model, or the
+LLM's cross-fitted predictions) to a :class:`RegressionResult`. The default estimator is the
+cut, cross-fitted, doubly robust one (:mod:`.dr`, with its completion model in
+:mod:`.calibration`): valid by design - a random labelled subset, every row coded by a model
+that saw neither its label nor its outcome, and a correction on the labelled rows. The others
+(:mod:`.methods`): PPI++ (``ptd``), ``labelled_only``, ``naive``, imputation from the completion
+model (``mi``) and the generative joint model (``joint``: :mod:`.completion`, :mod:`.joint`).
+:func:`crossfit` codes every row with a model that did not see its label;
+:func:`fit_joint_lora` is the fully joint model of seed 000 (no cut: see its docstring).
 """
 
 from .api import METHODS, llm_outputs, regress
 from .completion import completion_model, continuous_model, fit_completion
 from .crossfit import crossfit, fold_ids
 from .design import Design, build_design
+from .dr import efficiency_bound, fit_dr
 from .result import RegressionResult, compare, forest_plot
 from .structural import fit_joint_lora, joint_lora_model
 
 __all__ = ["METHODS", "Design", "RegressionResult", "build_design", "compare", "completion_model",
-           "continuous_model", "crossfit", "fit_completion", "fit_joint_lora", "fold_ids", "forest_plot",
-           "joint_lora_model", "llm_outputs", "regress"]
+           "continuous_model", "crossfit", "efficiency_bound", "fit_completion", "fit_dr", "fit_joint_lora",
+           "fold_ids", "forest_plot", "joint_lora_model", "llm_outputs", "regress"]

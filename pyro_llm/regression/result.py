@@ -19,9 +19,10 @@ __all__ = ["RegressionResult", "compare", "forest_plot"]
 class RegressionResult:
     """Coefficients of one estimator.
 
-    Draw-based methods (``joint``, ``mi``) keep their ``draws`` (S, p) and report posterior means,
-    sds and equal-tailed intervals; the frequentist baselines keep ``coef`` and ``cov`` and report
-    normal intervals. ``level`` is the interval's coverage (0.95 by default).
+    ``coef`` (p,) and ``cov`` (p, p) give the estimate and its covariance; ``draws`` (S, p), when
+    present, are posterior (or Bayesian bootstrap) draws that :meth:`to_arviz` exports.
+    ``interval`` says how intervals are formed: ``"normal"`` (estimate ± z·se) or
+    ``"quantile"`` (equal-tailed quantiles of the draws). ``level`` is their coverage.
     """
 
     method: str
@@ -31,48 +32,99 @@ class RegressionResult:
     level: float = 0.95
     draws: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    interval_kind: str = "auto"
 
     def __post_init__(self):
         if not 0 < self.level < 1:
             raise ValueError(f"level must be in (0, 1), got {self.level}")
+        if self.interval_kind not in ("auto", "normal", "quantile"):
+            raise ValueError(f"interval_kind must be 'auto', 'normal' or 'quantile', got {self.interval_kind!r}")
+        if self.interval_kind == "quantile" and self.draws is None:
+            raise ValueError("interval_kind='quantile' needs draws")
 
     @property
     def sd(self) -> np.ndarray:
         return np.sqrt(np.diag(self.cov))
 
+    se = sd
+
+    @property
+    def quantile_intervals(self) -> bool:
+        return self.interval_kind == "quantile" or (self.interval_kind == "auto" and self.draws is not None)
+
     def interval(self, level: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         level = self.level if level is None else level
         tail = (1 - level) / 2
-        if self.draws is not None:
+        if self.quantile_intervals:
             lo, hi = np.quantile(self.draws, [tail, 1 - tail], axis=0)
             return lo, hi
         half = NormalDist().inv_cdf(1 - tail) * self.sd
         return self.coef - half, self.coef + half
 
+    @property
+    def z(self) -> np.ndarray:
+        return self.coef / self.sd
+
+    @property
+    def p(self) -> np.ndarray:
+        """Two-sided p-values of the normal approximation, H0: coefficient = 0."""
+        return np.array([2 * (1 - NormalDist().cdf(abs(v))) for v in self.z])
+
     def __getitem__(self, name: str) -> dict:
-        """``result["stance"]`` -> {"mean", "median", "sd", "lower", "upper"} for one coefficient."""
+        """``result["stance"]`` -> {"mean", "median", "sd", "z", "p", "lower", "upper"} for one coefficient."""
         if name not in self.coef_names:
             raise KeyError(f"no coefficient {name!r}; the coefficients are {list(self.coef_names)}")
         i = self.coef_names.index(name)
         lo, hi = self.interval()
         return {"mean": float(self.coef[i]), "median": float(self.median[i]), "sd": float(self.sd[i]),
-                "lower": float(lo[i]), "upper": float(hi[i])}
+                "z": float(self.z[i]), "p": float(self.p[i]), "lower": float(lo[i]), "upper": float(hi[i])}
 
     @property
     def median(self) -> np.ndarray:
-        """The posterior median (draw-based methods) or the estimate (the normal baselines)."""
-        return np.median(self.draws, axis=0) if self.draws is not None else self.coef
+        """The posterior median (quantile intervals) or the estimate (normal intervals)."""
+        return np.median(self.draws, axis=0) if self.quantile_intervals else self.coef
 
     def summary(self) -> pd.DataFrame:
-        """One row per coefficient: mean, sd and the interval's bounds (named by their quantiles)."""
+        """One row per coefficient: estimate, standard error, z, p and the interval's bounds (named by
+        their quantiles); the table's ``attrs`` carry N, the labelled rows and the effective gain."""
         lo, hi = self.interval()
         tail = (1 - self.level) / 2
-        return pd.DataFrame({"mean": self.coef, "sd": self.sd, f"{tail:.3g}": lo, f"{1 - tail:.3g}": hi},
-                            index=pd.Index(self.coef_names, name=self.method))
+        table = pd.DataFrame({"estimate": self.coef, "se": self.sd, "z": self.z, "p": self.p,
+                              f"{tail:.3g}": lo, f"{1 - tail:.3g}": hi},
+                             index=pd.Index(self.coef_names, name=self.method))
+        eff = self.info.get("effective_labelled")
+        if eff is not None:
+            table["eff. labelled n"] = eff
+        table.attrs.update({k: self.info[k] for k in ("n", "n_labelled", "lam") if k in self.info})
+        return table
+
+    def header(self) -> str:
+        """The lines above the table: method, rows, labelled rows, and the method's own diagnostics."""
+        info = self.info
+        parts = [f"method={self.method!r}", f"level={self.level}"]
+        if "n" in info:
+            parts.append(f"N={info['n']}, labelled n={info.get('n_labelled')}")
+        lines = ["RegressionResult(" + ", ".join(parts) + ")"]
+        if "lam" in info:
+            lines.append(f"  PPI++ power-tuning lambda = {info['lam']:.3f}")
+        if "completion_log_loss" in info:
+            lines.append(f"  completion model, held-out labelled rows: log-loss {info['completion_log_loss']:.4f} "
+                         f"(class frequencies alone {info['marginal_log_loss']:.4f}), "
+                         f"Brier {info['completion_brier']:.4f}")
+        if "completion_r2" in info:
+            lines.append(f"  completion model, held-out labelled rows: R^2 {info['completion_r2']:.3f}")
+        if "effective_labelled" in info:
+            lines.append("  eff. labelled n = labelled n x Var(labelled only) / Var(this estimate)")
+        if "fold_accuracy" in info:
+            acc = ", ".join(f"{a:.3f}" for a in np.atleast_1d(info["fold_accuracy"]))
+            lines.append(f"  coder's cross-fitted accuracy per fold: {acc}")
+        if "hausman_p" in info:
+            lines.append("  Hausman check against 'dr': p = "
+                         + ", ".join(f"{p:.3g}" for p in np.atleast_1d(info["hausman_p"])))
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
-        head = f"RegressionResult(method={self.method!r}, level={self.level})"
-        return f"{head}\n{self.summary().round(4).to_string()}"
+        return f"{self.header()}\n{self.summary().round(4).to_string()}"
 
     def to_arviz(self, num_samples: int = 1000, seed: int = 0):
         """An ArviZ object with one variable per coefficient (one chain).
