@@ -14,7 +14,7 @@ needed and its vendor calibration ``p(z | s)`` (learned once on a 200k-row exter
 * ``unequal_pi``: labelling probability ``π = 0.02 + 0.08 expit(2Q − 0.5)``, rows labelled
   independently; Y has a Q² term the formula omits, so the target (the population projection of z
   in ``y ~ z + q``, from a 2M-row draw) differs from the labelled rows' projection.
-* ``clustered``: 200 clusters of 50 rows; Q, Y and the score share cluster effects; ``cluster="g"``.
+* ``clustered``: 200 clusters of 50 rows; Q, z, Y and the score have cluster effects; ``cluster="g"``.
 * ``stress_unequal_var``: class-specific score sds ``exp(±0.8 tanh(Q·Y))``: the generative joint
   model's binormal measurement model is wrong.
 """
@@ -241,30 +241,36 @@ def unequal_pi(seed: int, a: float = 2.0, leak: float = 0.5, N: int = N_CORPUS) 
 
 
 # ---------------------------------------------------------------- clusters
-CLUSTER_U_Y, CLUSTER_U_S = 0.7, 0.5     # loadings of the cluster effect u_g on Y and on the score
+CLUSTER_U_Y, CLUSTER_U_S, CLUSTER_W_Z = 1.0, 0.5, 1.0   # loadings of the cluster effects
+_GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(40)
+_GH_W = _GH_W / _GH_W.sum()
 
 
 def clustered_draw(rng, N: int, a: float = 2.0, leak: float = 0.3, size: int = 50) -> dict:
+    """Clusters of ``size`` rows with three effects: v_g in Q, w_g in z (beyond Q) and u_g in Y and
+    in the LLM's score, so that the z coefficient's scores are correlated within clusters."""
     g = np.arange(N) // size
     G = g.max() + 1
-    v, u = rng.normal(size=G), rng.normal(size=G)
+    v, w, u = rng.normal(size=G), rng.normal(size=G), rng.normal(size=G)
     q = 0.6 * v[g] + 0.8 * rng.normal(size=N)
     eps = rng.normal(size=N)
-    z = (rng.random(N) < expit(-0.5 + 0.8 * q)).astype(int)
+    z = (rng.random(N) < expit(-0.5 + 0.8 * q + CLUSTER_W_Z * w[g])).astype(int)
     y = 1 + z + 0.5 * q + CLUSTER_U_Y * u[g] + eps
     s = a * (2 * z - 1) + 0.6 * q + CLUSTER_U_S * u[g] + leak * eps + rng.normal(size=N)
     return {"g": g, "q": q, "z": z, "y": y, "s": s}
 
 
 def clustered_oracle(s, q, y, a: float = 2.0, leak: float = 0.3) -> np.ndarray:
-    """The row-wise law ``p(z | s, Q, Y)`` (other rows of the cluster ignored): with r = Y − μ_z =
-    0.7 u + ε ~ N(0, 1.49), the score's error 0.5 u + leak ε + e given r is N(β r, σ²)."""
+    """The row-wise law ``p(z | s, Q, Y)`` (the other rows of the cluster ignored): p(z = 1 | Q) =
+    E_w expit(−0.5 + 0.8 Q + w) (Gauss-Hermite); with r = Y − μ_z = u + ε ~ N(0, 2), the score's
+    error 0.5 u + leak ε + e given r is N(β r, σ²)."""
+    p1 = (expit(-0.5 + 0.8 * q[:, None] + CLUSTER_W_Z * _GH_X) * _GH_W).sum(1)
     var_r = CLUSTER_U_Y ** 2 + 1
     cov = CLUSTER_U_S * CLUSTER_U_Y + leak
     beta = cov / var_r
     sd_s = np.sqrt(CLUSTER_U_S ** 2 + leak ** 2 - cov ** 2 / var_r + 1)
     k = np.arange(2)
-    return normal_score_posterior(_prior_z(q)[1], y, 1 + k + 0.5 * q[:, None], s,
+    return normal_score_posterior(np.log(np.column_stack([1 - p1, p1])), y, 1 + k + 0.5 * q[:, None], s,
                                   a * (2 * k - 1) + 0.6 * q[:, None], beta, sd_s, np.sqrt(var_r))
 
 
