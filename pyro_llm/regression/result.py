@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -68,7 +69,7 @@ class RegressionResult:
     @property
     def p(self) -> np.ndarray:
         """Two-sided p-values of the normal approximation, H0: coefficient = 0."""
-        return np.array([2 * (1 - NormalDist().cdf(abs(v))) for v in self.z])
+        return np.array([math.erfc(abs(v) / math.sqrt(2)) for v in self.z])
 
     def __getitem__(self, name: str) -> dict:
         """``result["stance"]`` -> {"mean", "median", "sd", "z", "p", "lower", "upper"} for one coefficient."""
