@@ -63,8 +63,9 @@ def _one(args):
 
     torch.set_num_threads(1)
     fn, _ = scenarios.SCENARIOS[name]
+    start = time.perf_counter()
     rep = fn(seed, **variant)
-    out = {"llm_s": rep.llm_s, "info": rep.info, "methods": {}, "default": rep.default,
+    out = {"llm_s": rep.llm_s, "build_s": time.perf_counter() - start, "info": rep.info, "methods": {}, "default": rep.default,
            "reference": rep.reference, "errors": {}}
     if rep.oracle is not None:
         start = time.perf_counter()
@@ -74,7 +75,7 @@ def _one(args):
     for label, kwargs in rep.runs.items():
         if methods and label not in methods:
             continue
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             if callable(kwargs):  # a method outside regress (B3's end-to-end model)
                 res = kwargs()
@@ -84,11 +85,11 @@ def _one(args):
         except Exception as err:  # noqa: BLE001 - one failed fit is a result, not the end of the run
             out["errors"][label] = f"{type(err).__name__}: {err}"[:300]
             continue
-        secs = time.perf_counter() - start
+        secs, cpu = time.perf_counter() - start, time.process_time() - cpu
         est = res[rep.coef]
         # the point estimate: the posterior median for draw-based methods (robust to tails)
         out["methods"][label] = {"est": est["median"], "lower": est["lower"], "upper": est["upper"],
-                                 "truth": rep.truth, "s": secs}
+                                 "truth": rep.truth, "s": secs, "cpu_s": cpu}
         if not callable(kwargs) and call["method"] != kwargs["method"]:
             out["methods"][label]["stand_in"] = call["method"]
     return out
@@ -112,7 +113,8 @@ def summarise(reps: list[dict]) -> dict:
                       "coverage_mcse": math.sqrt(max(c * (1 - c), 1e-12) / R),
                       "width": float(np.mean([x["upper"] - x["lower"] for x in rows])),
                       "width_median": float(np.median([x["upper"] - x["lower"] for x in rows])),
-                      "sec_per_rep": float(np.mean([x["s"] for x in rows])), "R": R}
+                      "sec_per_rep": float(np.mean([x["s"] for x in rows])),
+                      "cpu_sec_per_rep": float(np.mean([x.get("cpu_s", np.nan) for x in rows])), "R": R}
         stand_in = {x["stand_in"] for x in rows if "stand_in" in x}
         if stand_in:
             out[label]["stand_in"] = sorted(stand_in)[0]
@@ -142,6 +144,7 @@ def run_scenario(name: str, variant: dict, R: int, workers: int, index: int, met
     result = {"scenario": name, "variant": variant, "R": R, "default": reps[0]["default"],
               "reference": reps[0]["reference"], "methods": summarise(reps),
               "llm_s": float(np.mean([r["llm_s"] for r in reps])),
+              "build_s": float(np.mean([r["build_s"] for r in reps])),
               "wall_s": time.perf_counter() - start,
               "info": {k: float(np.mean([r["info"][k] for r in reps])) for k in reps[0]["info"]}}
     if "bound_width" in reps[0]:

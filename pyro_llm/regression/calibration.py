@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Completion", "crossfit_completion", "features", "fit_gaussian", "fit_multinomial",
-           "hermite_nodes", "spline_basis"]
+           "fold_split", "hermite_nodes", "spline_basis"]
 
 HERMITE_NODES = 9
 
@@ -161,7 +161,13 @@ def hermite_nodes(mean: np.ndarray, sd: np.ndarray | float, num: int = HERMITE_N
     return mean[:, None] + sd[:, None] * x[None], np.broadcast_to(w, (len(mean), num)).copy()
 
 
-def _fold_split(labelled: np.ndarray, folds: int, rng) -> np.ndarray:
+def fold_split(labelled: np.ndarray, folds: int, rng, groups: np.ndarray | None = None) -> np.ndarray:
+    """A fold per row: labelled rows in near-equal random folds and unlabelled rows at random, or,
+    with ``groups`` (cluster codes), whole clusters to folds so that a cluster's rows are never
+    on both sides of a split."""
+    if groups is not None:
+        codes, inv = np.unique(groups, return_inverse=True)
+        return rng.permutation(np.arange(len(codes)) % folds)[inv]
     n = int(labelled.sum())
     ids = np.empty(len(labelled), dtype=int)
     ids[labelled] = rng.permutation(np.arange(n) % folds)
@@ -171,15 +177,16 @@ def _fold_split(labelled: np.ndarray, folds: int, rng) -> np.ndarray:
 
 def crossfit_completion(F: np.ndarray, z: np.ndarray, labelled: np.ndarray, *, num_classes: int,
                         continuous: bool = False, folds: int = 5, splits: int = 5, prior_sd: float = 2.5,
-                        weights: np.ndarray | None = None, seed: int = 0,
-                        crossfit: bool = True) -> Completion:
-    """Cross-fitted completion law of every row, averaged over ``splits`` random fold splits.
+                        weights: np.ndarray | None = None, seed: int = 0, crossfit: bool = True,
+                        groups: np.ndarray | None = None) -> Completion:
+    """Cross-fitted completion law of every row, averaged over ``splits`` random fold splits (the
+    doubly robust estimator combines single splits itself, see :func:`.dr.fit_dr`).
 
     ``F`` (N, f) from :func:`features`; ``z`` (N,) gold class indices (or values) where
     ``labelled``; ``weights`` optional per-row weights of the labelled rows' fit (e.g. 1/π so
     that the fit targets the corpus). ``crossfit=False`` fits once on all labelled rows and
     applies it everywhere (for tests of the algebra only: the correction term is then not free
-    of the rows' own labels). Also returns, in ``info``, the held-out log-loss of the labelled
+    of the rows' own labels). ``groups``: cluster codes; folds then hold whole clusters. Also returns, in ``info``, the held-out log-loss of the labelled
     rows (their cross-fitted probabilities) and that of the marginal class frequencies."""
     labelled = np.asarray(labelled, bool)
     n_lab = int(labelled.sum())
@@ -190,10 +197,13 @@ def crossfit_completion(F: np.ndarray, z: np.ndarray, labelled: np.ndarray, *, n
     w = np.ones(len(z)) if weights is None else np.asarray(weights, float)
     acc_mean = np.zeros(len(z)) if continuous else np.zeros((len(z), num_classes))
     acc_var = np.zeros(len(z))
-    plans = [np.zeros(len(z), int)] if not crossfit else [_fold_split(labelled, folds, rng) for _ in range(splits)]
+    plans = ([np.zeros(len(z), int)] if not crossfit
+             else [fold_split(labelled, folds, rng, groups) for _ in range(splits)])
     for ids in plans:
         for k in np.unique(ids):
             train = labelled & (ids != k) if crossfit else labelled
+            if crossfit and not train.any():
+                raise ValueError(f"completion fold {k} leaves no labelled rows to fit on; use fewer folds")
             rows = ids == k
             zt = z[train] if continuous else z[train].astype(int)
             if continuous:

@@ -36,7 +36,7 @@ import numpy as np
 from .calibration import Completion, hermite_nodes
 from .design import Design, build_design
 
-__all__ = ["DRFit", "bootstrap_draws", "dr_solve", "efficiency_bound", "fit_dr", "labelling_probabilities", "node_design"]
+__all__ = ["DRFit", "bootstrap_draws", "combine_splits", "dr_solve", "efficiency_bound", "fit_dr", "labelling_probabilities", "node_design"]
 
 
 @dataclass(frozen=True)
@@ -269,13 +269,19 @@ def fit_dr(design: Design, *, scores: np.ndarray | None, labels: np.ndarray | No
            cluster: np.ndarray | None = None, folds: int = 5, splits: int = 5, prior_sd: float = 2.5,
            num_draws: int = 1000, seed: int = 0, crossfit: bool = True
            ) -> tuple[DRFit, np.ndarray | None, Completion]:
-    """The default estimator end to end: completion features from the LLM's output and W, the
-    cross-fitted completion law, the doubly robust solve with its sandwich, and (``num_draws`` > 0)
-    Bayesian bootstrap draws; also returns the completion law. ``extra`` holds the completion model's held-out calibration, the
-    inverse-probability-weighted labelled-only fit's standard errors and the effective number of
-    labelled rows (n × Var(labelled only) / Var(doubly robust), per coefficient)."""
+    """The default estimator end to end: completion features from the LLM's output and W; for each
+    of ``splits`` random fold splits, the cross-fitted completion law and the doubly robust solve
+    with its sandwich; the splits combined as double/debiased machine learning and DSL do
+    (coordinate-wise median estimate; covariance the element-wise median of
+    ``V_s + (θ_s − θ)(θ_s − θ)ᵀ``, so that the split-to-split spread counts); and, with
+    ``num_draws`` > 0, Bayesian bootstrap draws pooled evenly over the splits. Returns the fit,
+    the draws and the completion law averaged over the splits. ``extra`` holds the completion
+    model's held-out calibration, the inverse-probability-weighted labelled-only fit's standard
+    errors and the effective number of labelled rows (n × Var(labelled only) / Var(dr))."""
     from .calibration import crossfit_completion, features
 
+    if splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
     pi = np.full(len(design.labelled), design.labelled.mean()) if pi is None else pi
     names = design.feature_names
     has_y = design.role == "covariate" and names[-1] == "<y>"
@@ -284,18 +290,48 @@ def fit_dr(design: Design, *, scores: np.ndarray | None, labels: np.ndarray | No
     F = features(scores, labels, spread, W, y, design.labelled)
     continuous = design.kind == "continuous"
     z = np.where(design.labelled, design.z, 0.0) if continuous else design.z_filled
-    comp = crossfit_completion(F, z, design.labelled, num_classes=max(design.num_classes, 1),
-                               continuous=continuous, folds=folds, splits=splits, prior_sd=prior_sd,
-                               weights=1 / pi, seed=seed, crossfit=crossfit)
-    fit = dr_solve(design, comp, pi, family, cluster)
-    ipw = dr_solve(design, comp, pi, family, cluster, use_completion=False)
+    comps, fits, draws = [], [], []
+    rng = np.random.default_rng(seed)
+    for s in range(splits if crossfit else 1):
+        comp = crossfit_completion(F, z, design.labelled, num_classes=max(design.num_classes, 1),
+                                   continuous=continuous, folds=folds, splits=1, prior_sd=prior_sd,
+                                   weights=1 / pi, seed=int(rng.integers(2 ** 31)), crossfit=crossfit,
+                                   groups=cluster)
+        fit = dr_solve(design, comp, pi, family, cluster)
+        comps.append(comp)
+        fits.append(fit)
+    coef, cov = combine_splits([f.coef for f in fits], [f.cov for f in fits])
+    for i, (comp, fit) in enumerate(zip(comps, fits, strict=True)):
+        share = num_draws // len(fits) + (i < num_draws % len(fits))
+        if share:
+            draws.append(bootstrap_draws(design, comp, pi, fit, family=family, cluster=cluster,
+                                         num_draws=share, seed=seed * 1009 + i))
+    mean_comp = Completion(comps[0].values, np.mean([c.probs for c in comps], 0),
+                           {k: float(np.mean([c.info[k] for c in comps])) for k in comps[0].info})
+    ipw = dr_solve(design, comps[0], pi, family, cluster, use_completion=False)
     n_lab = int(design.labelled.sum())
-    var, var_lab = np.diag(fit.cov), np.diag(ipw.cov)
-    extra = dict(comp.info, labelled_only_se=np.sqrt(var_lab), labelled_only_coef=ipw.coef,
+    var, var_lab = np.diag(cov), np.diag(ipw.cov)
+    extra = dict(mean_comp.info, splits=len(fits), labelled_only_se=np.sqrt(var_lab),
+                 labelled_only_coef=ipw.coef, split_coefs=np.array([f.coef for f in fits]),
                  effective_labelled=n_lab * var_lab / np.where(var > 0, var, np.nan))
-    fit = DRFit(fit.coef, fit.cov, fit.phi, fit.H, extra)
-    draws = None
-    if num_draws:
-        draws = bootstrap_draws(design, comp, pi, fit, family=family, cluster=cluster,
-                                num_draws=num_draws, seed=seed)
-    return fit, draws, comp
+    phi = np.mean([f.phi for f in fits], 0)
+    fit = DRFit(coef, cov, phi, np.mean([f.H for f in fits], 0), extra)
+    return fit, (np.concatenate(draws) if draws else None), mean_comp
+
+
+def combine_splits(coefs: list[np.ndarray], covs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Median aggregation over sample splits (Chernozhukov et al. 2018; DSL): θ = median θ_s and
+    V = median_s [V_s + (θ_s − θ)(θ_s − θ)ᵀ] element-wise, symmetrised and, if needed, lifted to
+    the nearest positive semi-definite matrix with the same diagonal."""
+    coefs = np.asarray(coefs)
+    theta = np.median(coefs, 0)
+    dev = coefs - theta
+    V = np.median(np.asarray(covs) + dev[:, :, None] * dev[:, None, :], 0)
+    V = (V + V.T) / 2
+    w, U = np.linalg.eigh(V)
+    if w.min() < 0:
+        d = np.sqrt(np.diag(V))
+        V = (U * np.clip(w, 0, None)) @ U.T
+        s = np.sqrt(np.clip(np.diag(V), 1e-300, None))
+        V = V * np.outer(d / s, d / s)
+    return theta, V
