@@ -5,7 +5,9 @@ slow on two CPU cores, so LoRA sits on the *last* transformer layer (query, valu
 classification head only: the first five layers are frozen and unchanged by the adapter, so
 their output is computed once for the review pool (:func:`prefix_states`) and every fit and
 prediction runs the last layer alone - the same model and the same gradients as LoRA on that
-layer of the full network.
+layer of the full network. Reviews are right-padded to 48 tokens (mean length 27): every batch is
+trimmed to its longest review, and prediction batches hold reviews of similar length (the
+padding is masked, so the outputs are the same up to rounding).
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def minilm_codes(rows_train, labels_train, rows_predict, seed: int, samples: int
         for i in range(0, n, batch):
             idx = order[i:i + batch]
             r = torch.as_tensor(rows_train)[idx]
-            yield states[r], masks[r], y[idx], idx
+            length = int(masks[r].sum(1).max())      # right padding: trim the all-padding tail
+            yield states[r, :length], masks[r, :length], y[idx], idx
 
     class Epoch:
         def __iter__(self):
@@ -113,10 +116,18 @@ def minilm_codes(rows_train, labels_train, rows_predict, seed: int, samples: int
                            lr=pyro_llm.scale_lr(1e-4, 3e-2), init_values=lora, init_scale=1e-2,
                            progress=False, seed=seed)
     rp = torch.as_tensor(rows_predict)
-    data_ = [(states[rp[i:i + 128]], masks[rp[i:i + 128]]) for i in range(0, len(rp), 128)]
-    return pyro_llm.predict_probs(lambda h, mk: lora(h, mk).softmax(-1), data_,
-                                  pyro_llm.GuidePosterior(fit.guide), samples, progress=False,
-                                  seed=seed).numpy()
+    order = torch.argsort(masks[rp].sum(1), stable=True)    # batches of similar length, trimmed
+    data_ = []
+    for i in range(0, len(rp), 128):
+        r = rp[order[i:i + 128]]
+        length = int(masks[r].sum(1).max())
+        data_.append((states[r, :length], masks[r, :length]))
+    probs = pyro_llm.predict_probs(lambda h, mk: lora(h, mk).softmax(-1), data_,
+                                   pyro_llm.GuidePosterior(fit.guide), samples, progress=False,
+                                   seed=seed).numpy()
+    out = np.empty_like(probs)
+    out[:, order.numpy()] = probs
+    return out
 
 
 def s1(seed: int, N: int = 2000, n: int = 500, folds: int = 5):
