@@ -12,8 +12,9 @@ needed and its vendor calibration ``p(z | s)`` (learned once on a 200k-row exter
 * ``outcome_leak``: the outcome role, z as in B2 (``1[0.5 Q1 − 0.3 Q2 + ε > 0]``), a score that leaks
   the outcome's latent ε; target the linear-probability coefficient of Q2 (B2's truth).
 * ``unequal_pi``: labelling probability ``π = 0.02 + 0.08 expit(2Q − 0.5)``, rows labelled
-  independently; Y has a Q² term the formula omits, so the target (the population projection of z
-  in ``y ~ z + q``, from a 2M-row draw) differs from the labelled rows' projection.
+  independently; Y has z·Q and Q² terms the formula omits (z's effect grows with Q, and so does
+  π), so the target (the population projection of z in ``y ~ z + q``, from a 2M-row draw, about
+  1.11) is not the labelled rows' projection (about 1.26).
 * ``clustered``: 200 clusters of 50 rows; Q, z, Y and the score have cluster effects; ``cluster="g"``.
 * ``stress_unequal_var``: class-specific score sds ``exp(±0.8 tanh(Q·Y))``: the generative joint
   model's binormal measurement model is wrong.
@@ -205,7 +206,7 @@ def outcome_leak(seed: int, a: float = 1.5, leak: float = 0.8, n: int = 500, N: 
 def unequal_pi_draw(rng, N: int, a: float = 2.0, leak: float = 0.5) -> dict:
     q, eps = rng.normal(size=N), rng.normal(size=N)
     z = (rng.random(N) < expit(-0.5 + 0.8 * q)).astype(int)
-    y = 1 + z + 0.5 * q + 0.3 * (q ** 2 - 1) + eps          # the formula y ~ z + q omits Q²
+    y = 1 + z + 0.5 * q + 0.5 * z * q + 0.3 * (q ** 2 - 1) + eps   # y ~ z + q omits z·Q and Q²
     s = a * (2 * z - 1) + 0.6 * q + leak * eps + rng.normal(size=N)
     pi = 0.02 + 0.08 * expit(2 * q - 0.5)
     return {"q": q, "z": z, "y": y, "s": s, "pi": pi}
@@ -221,7 +222,7 @@ def unequal_pi_truth(rows: int = 2_000_000, seed: int = 20261123) -> float:
 
 def unequal_pi_oracle(s, q, y, a: float = 2.0, leak: float = 0.5) -> np.ndarray:
     k = np.arange(2)
-    mu = 1 + k + 0.5 * q[:, None] + 0.3 * (q[:, None] ** 2 - 1)
+    mu = 1 + k + 0.5 * q[:, None] + 0.5 * k * q[:, None] + 0.3 * (q[:, None] ** 2 - 1)
     return normal_score_posterior(_prior_z(q)[1], y, mu, s, a * (2 * k - 1) + 0.6 * q[:, None], leak)
 
 
