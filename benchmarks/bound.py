@@ -76,7 +76,8 @@ def efficiency_bound(df, formula, *, label, truth, probs, role="covariate", fami
     if cluster is None:
         first = psi_t.T @ psi_t
     else:
-        _, g = np.unique(np.asarray(df[cluster] if isinstance(cluster, str) else cluster), return_inverse=True)
+        ids = np.asarray(df[cluster] if isinstance(cluster, str) else cluster)
+        _, g = np.unique(ids, return_inverse=True)
         sums = np.zeros((g.max() + 1, psi_t.shape[1]))
         np.add.at(sums, g, psi_t)
         first = sums.T @ sums

@@ -75,7 +75,8 @@ def _one(args):
     fn, _ = scenarios.SCENARIOS[name]
     start = time.perf_counter()
     rep = fn(seed, **variant)
-    out = {"llm_s": rep.llm_s, "build_s": time.perf_counter() - start, "info": rep.info, "methods": {}, "default": rep.default,
+    out = {"llm_s": rep.llm_s, "build_s": time.perf_counter() - start, "info": rep.info, "methods": {},
+           "default": rep.default,
            "reference": rep.reference, "errors": {}}
     if rep.oracle is not None:
         start = time.perf_counter()

@@ -14,8 +14,16 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr
 
-from benchmarks.common import (N_CORPUS, Oracle, Replicate, cached_calibrator, expit, fitted_oracle,
-                               labelled_mask, normal_score_posterior)
+from benchmarks.common import (
+    N_CORPUS,
+    Oracle,
+    Replicate,
+    cached_calibrator,
+    expit,
+    fitted_oracle,
+    labelled_mask,
+    normal_score_posterior,
+)
 from benchmarks.scenarios_more import MORE
 
 __all__ = ["N_CORPUS", "Oracle", "Replicate", "SCENARIOS", "b1", "b2", "b2_truth", "b3", "expit", "s1"]
@@ -51,7 +59,8 @@ def b1(seed: int, a: float = 2.5, leak: float = 0.5, n: int = 500, N: int = N_CO
     q, z, y, s = d["q"], d["z"], d["y"], d["s"]
     zhat = (s > 0).astype(int)
     lab = _labelled(rng, N, n)
-    calib = cached_calibrator(("B1", a, leak), lambda r, m: (lambda x: (x["z"], x["s"]))(b1_draw(r, m, a, leak)))
+    calib = cached_calibrator(("B1", a, leak),
+                              lambda r, m: (lambda x: (x["z"], x["s"]))(b1_draw(r, m, a, leak)))
     df = pd.DataFrame({"y": y, "q": q, "z": np.where(lab, z, np.nan)})
     runs = {
         "dr": {"method": "dr", "predictions": s},

@@ -28,8 +28,17 @@ import numpy as np
 import pandas as pd
 from scipy.special import log_ndtr
 
-from benchmarks.common import (N_CORPUS, Oracle, Replicate, cached_calibrator, expit, labelled_mask, log_norm,
-                               normal_score_posterior, softmax_rows)
+from benchmarks.common import (
+    N_CORPUS,
+    Oracle,
+    Replicate,
+    cached_calibrator,
+    expit,
+    labelled_mask,
+    log_norm,
+    normal_score_posterior,
+    softmax_rows,
+)
 
 
 def _prior_z(q):
@@ -47,7 +56,8 @@ def _binary_runs(s, zhat, coef: str, family: str = "gaussian", joint: bool = Tru
         "dr": {"method": "dr", "predictions": s, **fam, **dr},
         "naive": {"method": "naive", "predictions": zhat, **fam},
         "labelled_only": {"method": "labelled_only", "predictions": zhat, **fam},
-        "ppi++": {"method": "ptd", "predictions": probs, "predictions_kind": "probs", "tune_for": coef, **fam},
+        "ppi++": {"method": "ptd", "predictions": probs, "predictions_kind": "probs", "tune_for": coef,
+                  **fam},
     }
     if joint:
         runs["joint"] = {"method": "joint", "predictions": s}
@@ -178,7 +188,8 @@ def outcome_leak_draw(rng, N: int, a: float = 1.5, leak: float = 0.8) -> dict:
 def outcome_leak_oracle(s, q1, q2, a: float = 1.5, leak: float = 0.8) -> np.ndarray:
     """``p(z | s, Q1, Q2)`` with z = 1[η + ε > 0], η = 0.5 Q1 − 0.3 Q2, s = a(2z−1) + 0.4 Q1 + c ε + e:
     given z = k, t = s − a(2k−1) − 0.4 Q1 = c ε + e ~ N(0, v = c² + 1) before conditioning on z, and
-    ε | t ~ N(c t / v, 1 / v); so p(z = 1, s) = φ_v(t₁) Φ((η + c t₁/v)√v), p(z = 0, s) = φ_v(t₀) Φ(−(η + c t₀/v)√v)."""
+    ε | t ~ N(c t / v, 1 / v); so p(z = 1, s) = φ_v(t₁) Φ((η + c t₁/v)√v) and
+    p(z = 0, s) = φ_v(t₀) Φ(−(η + c t₀/v)√v)."""
     eta, v = 0.5 * q1 - 0.3 * q2, leak ** 2 + 1
     logp = []
     for k, sign in ((0, -1.0), (1, 1.0)):
@@ -188,7 +199,7 @@ def outcome_leak_oracle(s, q1, q2, a: float = 1.5, leak: float = 0.8) -> np.ndar
 
 
 def outcome_leak(seed: int, a: float = 1.5, leak: float = 0.8, n: int = 500, N: int = N_CORPUS) -> Replicate:
-    from benchmarks.scenarios import b2_truth   # z has B2's law, so B2's target
+    from benchmarks.scenarios import b2_truth  # z has B2's law, so B2's target
 
     rng = np.random.default_rng(seed)
     d = outcome_leak_draw(rng, N, a, leak)
@@ -320,7 +331,8 @@ def stress_unequal_var(seed: int, a: float = 1.5, scale: float = 0.8, n: int = 5
     zhat = (d["s"] > 0).astype(int)
     probs = _calibrated(("stress_unequal_var", a, scale), lambda r, m: stress_draw(r, m, a, scale), d["s"])
     df = pd.DataFrame({"y": d["y"], "q": d["q"], "z": np.where(lab, d["z"], np.nan)})
-    return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0, _binary_runs(d["s"], zhat, "z", probs=probs),
+    return Replicate(df, "y ~ z + q", "z", "covariate", "z", 1.0,
+                     _binary_runs(d["s"], zhat, "z", probs=probs),
                      info={"accuracy": float((zhat == d["z"]).mean())},
                      oracle=Oracle(d["z"], stress_oracle(d["s"], d["q"], d["y"], a, scale)))
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"bias", "rmse", "coverage", "coverage_mcse", "width", "sec_per_rep", "width_over_bound", "width_over_ppi"}
+KEYS = {"bias", "rmse", "coverage", "coverage_mcse", "width", "sec_per_rep", "width_over_bound",
+        "width_over_ppi"}
 
 sys.path.insert(0, str(ROOT))
 try:
