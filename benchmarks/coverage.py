@@ -59,13 +59,15 @@ def _kwargs(kwargs: dict, coef: str) -> dict:
         kwargs.update(method="ptd", tune_for=coef)
     if kwargs["method"] == "joint":
         kwargs = {"num_draws": JOINT_DRAWS, **kwargs}
+    if kwargs["method"] == "dr":   # sandwich intervals: the bootstrap draws are not needed here
+        kwargs = {"num_draws": 0, **kwargs}
     if "progress" in inspect.signature(api.regress).parameters:
         kwargs.setdefault("progress", False)
     return kwargs
 
 
 def _one(args):
-    name, variant, seed, methods = args
+    name, variant, seed, methods, slow_every = args
     import torch
 
     from benchmarks import bound
@@ -86,6 +88,9 @@ def _one(args):
     for label, kwargs in rep.runs.items():
         if methods and label not in methods:
             continue
+        slow = label.startswith("joint") or label.startswith("mi")
+        if slow and seed % slow_every:
+            continue          # the slow generative methods run on every slow_every-th replication
         start, cpu = time.perf_counter(), time.process_time()
         try:
             if callable(kwargs):  # a method outside regress (B3's end-to-end model)
@@ -144,8 +149,9 @@ def _ratios(result: dict) -> None:
         m["width_over_ppi"] = m["width"] / ref["width"] if ref.get("width") else None
 
 
-def run_scenario(name: str, variant: dict, R: int, workers: int, index: int, methods=None) -> dict:
-    jobs = [(name, variant, 1000 * index + r, methods) for r in range(R)]
+def run_scenario(name: str, variant: dict, R: int, workers: int, index: int, methods=None,
+                 slow_every: int = 1) -> dict:
+    jobs = [(name, variant, 1000 * index + r, methods, slow_every) for r in range(R)]
     start = time.perf_counter()
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -240,6 +246,8 @@ def main(argv=None):
                    choices=list(scenarios.SCENARIOS))
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--methods", nargs="+", help="run only these methods (labels as in the table)")
+    p.add_argument("--slow-every", type=int, default=1, metavar="K",
+                   help="run the slow generative methods (joint*, mi*) on every K-th replication only")
     p.add_argument("--variants", nargs="+", type=int, metavar="I",
                    help="run only these variants (indices into each scenario's list, e.g. 2 for B3 n=1000)")
     p.add_argument("--out", type=Path, help="write the results as JSON here (after every scenario)")
@@ -268,7 +276,7 @@ def main(argv=None):
             if done:
                 print(table(done[0]), "(kept from --out)", flush=True)
                 continue
-            res = run_scenario(name, variant, R, args.workers, index, args.methods)
+            res = run_scenario(name, variant, R, args.workers, index, args.methods, args.slow_every)
             results.append(res)
             print(table(res), flush=True)
             if args.out:
