@@ -16,7 +16,7 @@ from pyro_llm.regression import finetune as ftmod
 from pyro_llm.regression.coding import CrossFitCoding, FineTune, code_crossfit
 from pyro_llm.regression.crossfit import fold_ids
 
-FAST = FineTune(epochs=2, lr=1e-2, batch_size=8, patience=1, val_fraction=0.25)
+FAST = FineTune(epochs=2, lr=1e-2, batch_size=8, patience=1, val_fraction=0.25, min_steps=0)
 QUIET = pytest.mark.filterwarnings("ignore:code_crossfit. fold")  # tiny random coders are useless
 
 
@@ -124,10 +124,10 @@ def test_spread_formula():
     # K = 2: sd of log p1/p0 over draws; K = 3: of the top class against the rest
     d2 = torch.tensor([[[0.5, 0.5]], [[0.2, 0.8]], [[0.1, 0.9]]])
     lo = np.log([1.0, 4.0, 9.0])
-    np.testing.assert_allclose(coding._spread(d2, d2.mean(0).numpy()), [lo.std(ddof=1)], rtol=1e-6)
+    np.testing.assert_allclose(coding.posterior_spread(d2, d2.mean(0).numpy()), [lo.std(ddof=1)], rtol=1e-6)
     d3 = torch.tensor([[[0.5, 0.3, 0.2]], [[0.8, 0.1, 0.1]]])
     lo = np.log([0.5 / 0.5, 0.8 / 0.2])
-    np.testing.assert_allclose(coding._spread(d3, d3.mean(0).numpy()), [lo.std(ddof=1)], rtol=1e-6)
+    np.testing.assert_allclose(coding.posterior_spread(d3, d3.mean(0).numpy()), [lo.std(ddof=1)], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- no leaks
@@ -217,8 +217,8 @@ def test_resume_after_interruption(monkeypatch, tmp_path):
 @QUIET
 def test_resume_mid_coding_reloads_the_saved_adapter(monkeypatch, tmp_path):
     texts, labels = corpus(40, 20)
-    monkeypatch.setattr(coding, "_SHARD_ROWS", 4)
-    monkeypatch.setattr(coding, "_CODE_BATCH", 4)
+    monkeypatch.setattr(coding, "SHARD_ROWS", 4)
+    monkeypatch.setattr(coding, "CODE_BATCH", 4)
     ref = run(texts, labels)
     real = coding.code_corpus
     n_calls = {"code": 0, "fit": 0}
@@ -314,6 +314,8 @@ def _bad_cases():
         (texts, labels, {"folds": 3, "fold_ids": ids}, r"fold\(s\) \[2\] have no labelled rows"),
         (texts, labels, {"posterior": "polar_vbll"}, "choose one of .*'map', 'laplace'"),
         (texts, labels.astype(str), {}, "integer class indices"),
+        (texts, np.array([0, 1, None, *labels[3:]], dtype=object), {}, r"missing values .* rows \[2\]"),
+        (texts, labels + 0.5, {}, "integer class indices; row 0 holds 0.5"),
     ]
 
 
@@ -367,7 +369,7 @@ def test_degenerate_coder_warns(monkeypatch):
     monkeypatch.setattr(ftmod, "finetune", useless)
     with pytest.warns(UserWarning) as rec:
         res = run(texts, labels)
-    said = [str(w.message) for w in rec]
+    said = [str(w.message) for w in rec if str(w.message).startswith("code_crossfit")]
     assert len(said) == 2
     assert re.search(r"fold 0's coder predicts a single class.*held-out accuracy 0\.500.*majority-class "
                      r"rate 0\.500.*label more rows.*FineTune\(epochs=", said[0])

@@ -32,10 +32,7 @@ resumes at its last finished shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
 import shutil
 import tempfile
 import time
@@ -45,23 +42,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyro
+import pyro.util
 import torch
 from tqdm.auto import tqdm
 
 from .._io import write_json
 from ..stream import code_corpus, load_coded
+from . import coding_cache as cache
+from . import coding_inputs as inputs
 from . import finetune as ft
 from .crossfit import fold_ids as assign_folds
 from .finetune import FineTune
 from .fold_posterior import ENSEMBLE_MEMBERS, predictor_for
 
-__all__ = ["CrossFitCoding", "FineTune", "code_crossfit", "POSTERIORS", "DEGENERATE_MARGIN",
-           "ENSEMBLE_MEMBERS", "save_adapter", "load_adapter"]
+__all__ = ["CrossFitCoding", "FineTune", "code_crossfit", "posterior_spread", "POSTERIORS",
+           "DEGENERATE_MARGIN", "ENSEMBLE_MEMBERS"]
 
 POSTERIORS = ("map", "laplace", "ensemble", "svi")
-DEGENERATE_MARGIN = 0.05  # held-out accuracy must beat the majority-class rate by this much
-_SHARD_ROWS = 512
-_CODE_BATCH = 32
+# a fold's held-out accuracy must beat the majority-class rate (the most common class's share of
+# all labelled rows: a fold's own 20-100 held-out rows give too noisy a rate) by this much
+DEGENERATE_MARGIN = 0.05
+SHARD_ROWS = 512  # rows per coded shard: the unit a resumed coding restarts from
+CODE_BATCH = 32  # texts per forward when coding (sorted by length, so little padding)
 _VERSION = 1
 
 
@@ -91,7 +94,8 @@ class CrossFitCoding:
         ``posterior``, ``train`` (the :class:`FineTune` settings), ``lr``, ``epochs_run`` and
         ``best_epoch`` per fold, ``seconds`` per fold, ``total_seconds``, ``cache_dir`` (``None``
         for a temporary one), ``resumed_folds``, ``warnings`` (their messages), ``majority_rate``
-        per fold, and ``folds_detail`` (each fold's full record).
+        (the most common class's share of the labelled rows, which each fold's accuracy is checked
+        against), and ``folds_detail`` (each fold's full record).
     """
 
     probs: np.ndarray
@@ -104,205 +108,14 @@ class CrossFitCoding:
 
 
 # ---------------------------------------------------------------------------- inputs
-def _check_texts(texts) -> list[str]:
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("texts is a single string; pass a sequence of texts (e.g. a list or a "
-                        "DataFrame column)")
-    try:
-        texts = list(texts)
-    except TypeError:
-        raise TypeError(f"texts must be a sequence of strings, got {type(texts).__name__}") from None
-    if not texts:
-        raise ValueError("texts is empty: there is nothing to code")
-    for i, t in enumerate(texts):
-        if isinstance(t, float) and math.isnan(t):
-            raise ValueError(f"text at row {i} is NaN (a missing value); drop the row or fill it "
-                             "with the text, then call again")
-        if not isinstance(t, str):
-            raise ValueError(f"text at row {i} is a {type(t).__name__} ({t!r:.40}), not a string; "
-                             "convert the column to str or drop the row")
-        if not t.strip():
-            raise ValueError(f"text at row {i} is empty ({t!r:.20}); drop the row or fill it")
-    return texts
-
-
-def _check_labels(labels, n: int) -> np.ndarray:
-    y = np.asarray(labels)
-    if y.shape != (n,):
-        raise ValueError(f"labels must have one entry per text: shape ({n},), got {y.shape}")
-    if y.dtype.kind not in "biuf":
-        raise ValueError(f"labels must be integer class indices 0..K-1 (-1 where unlabelled), got "
-                         f"dtype {y.dtype}; map class names to indices first")
-    if y.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(y))
-        if bad.size:
-            raise ValueError(f"labels contain {y[bad[0]]} at rows {bad[:5].tolist()}; mark "
-                             "unlabelled rows with -1, not NaN")
-        frac = np.flatnonzero(y != np.round(y))
-        if frac.size:
-            raise ValueError(f"labels must be integer class indices; row {frac[0]} holds "
-                             f"{y[frac[0]]}")
-    y = y.astype(np.int64)
-    low = np.flatnonzero(y < -1)
-    if low.size:
-        raise ValueError(f"label {y[low[0]]} at row {low[0]} is invalid: use 0..K-1 for classes "
-                         "and -1 for unlabelled rows")
-    return y
-
-
-def _check_fold_ids(ids, labelled: np.ndarray, folds: int) -> np.ndarray:
-    n = len(labelled)
-    arr = np.asarray(ids)
-    if arr.shape != (n,):
-        raise ValueError(f"fold_ids must have one entry per text: shape ({n},), got {arr.shape}")
-    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.isfinite(arr).all()
-                                           and (arr == np.round(arr)).all()):
-        raise ValueError(f"fold_ids must be integers 0..{folds - 1}, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    bad = np.flatnonzero((arr < 0) | (arr >= folds))
-    if bad.size:
-        raise ValueError(f"fold_ids must lie in 0..{folds - 1} (folds={folds}); row {bad[0]} has "
-                         f"{arr[bad[0]]}: pass folds= to match")
-    empty = [k for k in range(folds) if not (labelled & (arr == k)).any()]
-    if empty:
-        raise ValueError(f"fold(s) {empty} have no labelled rows: every fold needs labelled rows to "
-                         "measure its coder; reassign them or use fewer folds")
-    return arr
-
-
-def _num_labels(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    k = getattr(cfg, "num_labels", None)
-    return int(k) if k is not None else None
-
-
-def _resolve_model(model, tokenizer, num_classes: int):
-    """``(peft model, tokenizer)`` from a peft model or a local model folder."""
-    if isinstance(model, (str, os.PathLike)):
-        from ..models import lora_classifier
-
-        path = Path(model)
-        if not (path / "config.json").exists():
-            raise ValueError(f"model={str(model)!r} is not a local Hugging Face model folder (no "
-                             "config.json there)")
-        peft_model, tok = lora_classifier(path, num_labels=num_classes)
-        return peft_model, tokenizer if tokenizer is not None else tok
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a peft model with a LoRA adapter or a model folder path, "
-                        f"got {type(model).__name__}")
-    from peft.tuners.lora import LoraLayer
-
-    if not any(isinstance(m, LoraLayer) for m in model.modules()) or not hasattr(model, "peft_config"):
-        raise ValueError(
-            f"model ({type(model).__name__}) has no LoRA adapter; add one with "
-            "peft.get_peft_model(model, peft.LoraConfig(task_type='SEQ_CLS', r=8, "
-            "target_modules=['query', 'value'])), or pass the model folder's path as model= "
-            "(pyro_llm.models.lora_classifier then builds one)")
-    if tokenizer is None:
-        name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-        if name and (Path(name) / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        else:
-            raise ValueError("tokenizer= is needed with a model object (none found in its folder "
-                             f"{name!r}); pass the tokenizer the model was built with")
-    return model, tokenizer
-
-
-def _check_classes(y: np.ndarray, num_labels: int, ids: np.ndarray, folds: int) -> None:
-    lab = y >= 0
-    out = np.flatnonzero(lab & (y >= num_labels))
-    if out.size:
-        raise ValueError(f"label {y[out[0]]} at row {out[0]} is out of range: the model has "
-                         f"{num_labels} labels (classes 0..{num_labels - 1})")
-    seen = np.unique(y[lab])
-    if len(seen) != num_labels:
-        missing = sorted(set(range(num_labels)) - set(seen.tolist()))
-        raise ValueError(f"the model has {num_labels} labels but the labelled rows hold classes "
-                         f"{seen.tolist()} (none of {missing}); label rows of every class, or build "
-                         f"the model with num_labels={len(seen)} and renumber the classes")
-    for k in range(folds):
-        present = set(np.unique(y[lab & (ids != k)]).tolist())
-        for c in range(num_labels):
-            if c not in present:
-                raise ValueError(f"fold {k}'s training rows (the labelled rows of the other folds) "
-                                 f"hold no row of class {c}, so its coder could never predict it; "
-                                 f"label more rows of class {c}, use fewer folds, or pass fold_ids= "
-                                 f"that spread class {c} over the folds")
-
-
-# ---------------------------------------------------------------------------- cache key
-def _hash_bytes(h, b: bytes) -> None:
-    h.update(len(b).to_bytes(8, "little"))
-    h.update(b)
-
-
-def _hash_tensors(named) -> str:
-    h = hashlib.sha256()
-    for name, t in named:
-        t = t.detach().cpu().contiguous()
-        _hash_bytes(h, f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        _hash_bytes(h, t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-def _is_adapter(name: str) -> bool:
-    return "lora_" in name or ".modules_to_save." in name
-
-
-def _model_key(model) -> tuple[str, dict]:
-    base = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
-            if not _is_adapter(n)]
-    cfg = model.peft_config[model.active_adapter]
-    raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-    adapter = json.loads(json.dumps(raw, sort_keys=True, default=lambda v: sorted(v) if isinstance(
-        v, (set, frozenset)) else repr(v)))
-    return _hash_tensors(base), adapter
-
-
-def _tokenizer_key(tok) -> str:
-    h = hashlib.sha256(type(tok).__name__.encode())
-    vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
-    _hash_bytes(h, json.dumps(sorted(vocab.items())).encode())
-    _hash_bytes(h, json.dumps([getattr(tok, "pad_token_id", None), getattr(tok, "padding_side", None),
-                               getattr(tok, "truncation_side", None)]).encode())
-    probe = tok(["The quick brown fox, 1999."])["input_ids"]  # normalisation and special tokens
-    _hash_bytes(h, json.dumps(probe).encode())
-    return h.hexdigest()[:32]
-
-
-def _texts_key(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        _hash_bytes(h, t.encode("utf-8"))
-    return h.hexdigest()[:32]
-
-
-def _array_key(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:32]
-
-
-def _open_cache(root: Path, key: dict) -> None:
-    f = root / "key.json"
-    if f.exists():
-        old = json.loads(f.read_text())
-        diff = [k for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)]
-        if diff:
-            said = "; ".join(f"{k}: cached {old.get(k)!r:.80} vs now {key.get(k)!r:.80}" for k in diff)
-            raise ValueError(f"cache_dir {root} holds a cross-fitting run with other inputs or settings "
-                             f"(differing: {', '.join(diff)}; {said}); pass a new cache_dir, or delete "
-                             f"{root} to start over")
-        return
-    if root.exists() and any(root.glob("fold_*")):
-        raise ValueError(f"cache_dir {root} holds fold folders but no key.json; pass a new cache_dir "
-                         "or delete it")
-    write_json(f, key)
-
-
 # ---------------------------------------------------------------------------- outputs
-def _spread(draws: torch.Tensor, mean: np.ndarray) -> np.ndarray:
-    """sd over draws of the log-odds of class 1 vs 0 (K = 2) or of the top class vs the rest."""
+def posterior_spread(draws: torch.Tensor, mean: np.ndarray) -> np.ndarray:
+    """Per row, the sd over posterior draws of a log-odds: of class 1 against class 0 (K = 2), of
+    the row's top class (by the mean ``mean``, ``(N, K)``) against the rest (K > 2).
+
+    ``draws`` is ``(S, N, K)`` probabilities (clamped at 1e-12 before the logarithm); zeros for
+    a single draw.
+    """
     p = draws.double().clamp(1e-12, 1.0).numpy()
     if p.shape[0] < 2:
         return np.zeros(p.shape[1])
@@ -394,8 +207,8 @@ def code_crossfit(texts: Sequence[str], labels, *, model, tokenizer=None, poster
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if posterior == "svi" and num_samples < 2 or posterior == "laplace" and num_samples < 2:
         raise ValueError(f"posterior={posterior!r} needs num_samples >= 2 to measure a spread")
-    texts = _check_texts(texts)
-    y = _check_labels(labels, len(texts))
+    texts = inputs.check_texts(texts)
+    y = inputs.check_labels(labels, len(texts))
     labelled = y >= 0
     if labelled.sum() < max(folds, 2):
         raise ValueError(f"{int(labelled.sum())} labelled rows cannot be split into {folds} folds "
@@ -403,14 +216,14 @@ def code_crossfit(texts: Sequence[str], labels, *, model, tokenizer=None, poster
     if fold_ids is None:
         ids = assign_folds(labelled, folds, seed)
     else:
-        ids = _check_fold_ids(fold_ids, labelled, folds)
+        ids = inputs.check_fold_ids(fold_ids, labelled, folds)
     num_seen = int(y[labelled].max()) + 1
-    base, tok = _resolve_model(model, tokenizer, num_seen)
-    num_labels = _num_labels(base)
+    base, tok = inputs.resolve_model(model, tokenizer, num_seen)
+    num_labels = inputs.num_labels_of(base)
     if num_labels is None:
         raise ValueError(f"{type(base).__name__} has no config.num_labels: model must be a sequence "
                          "classifier (AutoModelForSequenceClassification) with a LoRA adapter")
-    _check_classes(y, num_labels, ids, folds)
+    inputs.check_classes(y, num_labels, ids, folds)
     if getattr(tok, "pad_token_id", None) is None:
         raise ValueError("the tokenizer has no pad token, needed to batch texts; set one, e.g. "
                          "tokenizer.pad_token = tokenizer.eos_token")
@@ -421,28 +234,28 @@ def code_crossfit(texts: Sequence[str], labels, *, model, tokenizer=None, poster
                "it (its training is not used)")
         warnings.warn(msg, UserWarning, stacklevel=2)
         caught.append(msg)
-    model_hash, adapter_cfg = _model_key(base)
+    model_hash, adapter_cfg = cache.model_fingerprint(base)
     key = {"format": "pyro_llm.crossfit", "version": _VERSION, "model": model_hash,
-           "adapter_config": adapter_cfg, "tokenizer": _tokenizer_key(tok), "texts": _texts_key(texts),
-           "labels": _array_key(y), "fold_ids": _array_key(ids), "folds": int(folds),
-           "posterior": posterior, "train": train.to_dict(), "max_length": int(max_length),
-           "num_samples": int(num_samples), "seed": int(seed)}
+           "adapter_config": adapter_cfg, "tokenizer": cache.tokenizer_fingerprint(tok),
+           "texts": cache.texts_fingerprint(texts), "labels": cache.array_fingerprint(y),
+           "fold_ids": cache.array_fingerprint(ids), "folds": int(folds), "posterior": posterior,
+           "train": train.to_dict(), "max_length": int(max_length), "num_samples": int(num_samples),
+           "seed": int(seed)}
     temporary = cache_dir is None
     root = Path(tempfile.mkdtemp(prefix="pyro_llm_crossfit_")) if temporary else Path(cache_dir)
-    import pyro
-
     rng_state = pyro.util.get_rng_state()
     try:
-        _open_cache(root, key)
+        cache.open_cache(root, key)
         run = _Run(texts, y, ids, base, tok, posterior, train, num_labels, max_length, num_samples,
                    seed, progress)
         recs, probs, spread = [], np.zeros((len(texts), num_labels)), np.zeros(len(texts))
+        majority = float(np.bincount(y[labelled], minlength=num_labels).max() / labelled.sum())
         for k in tqdm(range(folds), desc="cross-fit folds", disable=not progress):
             rec, p, s = run.fold(k, root / f"fold_{k}")
             rows = np.flatnonzero(ids == k)
             probs[rows], spread[rows] = p, s
             recs.append(rec)
-            msg = _degenerate(k, rec["accuracy"], rec["majority_rate"], rec["one_class"])
+            msg = _degenerate(k, rec["accuracy"], majority, rec["one_class"])
             if msg:
                 warnings.warn(msg, UserWarning, stacklevel=2)
                 caught.append(msg)
@@ -457,7 +270,7 @@ def code_crossfit(texts: Sequence[str], labels, *, model, tokenizer=None, poster
             "seconds": [r["seconds"] for r in recs], "total_seconds": time.perf_counter() - t_start,
             "cache_dir": None if temporary else str(root),
             "resumed_folds": [k for k, r in enumerate(recs) if r.get("resumed")],
-            "majority_rate": [r["majority_rate"] for r in recs], "warnings": caught,
+            "majority_rate": majority, "warnings": caught,
             "max_length": max_length, "num_samples": num_samples if posterior != "map" else 1,
             "folds_detail": recs}
     return CrossFitCoding(probs=probs, spread=spread, fold_ids=ids, fitted_on=fitted_on,
@@ -502,14 +315,15 @@ class _Run:
                                                 progress=self.progress)
         order = rows[np.argsort([len(self.texts[i]) for i in rows], kind="stable")]
         code_corpus([self.texts[i] for i in order], predict, d / "coded", ids=order.tolist(),
-                    batch_size=_CODE_BATCH, shard_size=_SHARD_ROWS, keep=keep, progress=self.progress)
+                    batch_size=CODE_BATCH, shard_size=SHARD_ROWS, keep=keep, progress=self.progress)
         probs, spread = self._read(d, rows)
         held = rows[self.y[rows] >= 0]
         pred = probs[np.searchsorted(rows, held)].argmax(-1)
         acc = float((pred == self.y[held]).mean())
-        majority = float(np.bincount(self.y[held], minlength=self.K).max() / len(held))
+        heldout_majority = float(np.bincount(self.y[held], minlength=self.K).max() / len(held))
         rec = {"fold": k, "seed": s, "fit": fit, "posterior": post_rec, "accuracy": acc,
-               "majority_rate": majority, "one_class": bool(len(np.unique(probs.argmax(-1))) == 1),
+               "heldout_majority_rate": heldout_majority,
+               "one_class": bool(len(np.unique(probs.argmax(-1))) == 1),
                "rows": int(len(rows)), "heldout_labelled": int(len(held)),
                "seconds": time.perf_counter() - t0}
         write_json(done, rec)
@@ -526,7 +340,7 @@ class _Run:
         probs[pos] = p / p.sum(-1, keepdims=True)
         spread = np.zeros(len(rows))
         if coded.draws is not None and coded.draws.shape[0] > 1:
-            spread[pos] = _spread(coded.draws, p)
+            spread[pos] = posterior_spread(coded.draws, p)
         return probs, spread
 
 
@@ -534,35 +348,12 @@ def _fit_or_load(model, tok, texts, labels, train, d: Path, *, K, max_length, se
     """Fine-tune ``model`` and save its adapter under ``d``, or load the adapter saved there."""
     f = d / "fit.json"
     if f.exists() and (d / "adapter").exists():
-        load_adapter(model, d / "adapter")
+        cache.load_adapter(model, d / "adapter")
         return {**json.loads(f.read_text()), "resumed": True}
     rec = ft.finetune(model, tok, texts, labels, train, num_classes=K, max_length=max_length,
                       seed=seed, progress=progress)
-    save_adapter(model, d / "adapter")
+    cache.save_adapter(model, d / "adapter")
     write_json(f, rec)
     return rec
 
 
-def save_adapter(model, path: Path) -> None:
-    """peft ``save_pretrained`` into ``path``, replacing it only once the new one is complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-def load_adapter(model, path: Path) -> None:
-    """Load a :func:`save_adapter` folder's weights into ``model`` (same adapter config)."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    files = sorted(Path(path).glob("adapter_model.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} holds no adapter_model.safetensors; delete its fold folder "
-                                "and run again")
-    out = set_peft_model_state_dict(model, load_file(str(files[0])))
-    missing = [n for n in getattr(out, "unexpected_keys", [])]
-    if missing:
-        raise ValueError(f"the adapter in {path} does not fit the model (unexpected {missing[:3]})")

@@ -49,6 +49,12 @@ class FineTune:
     val_fraction:
         Share of the fold's training rows held out (stratified by class) for early stopping;
         0 trains for ``epochs`` epochs on all of them.
+    min_steps:
+        Optimisation steps before early stopping looks at the held-out rows at all (the best
+        epoch is chosen among those after it). A LoRA classifier's held-out loss sits flat for
+        the first few dozen steps (B starts at 0 and the new head near 0) and then rises as the
+        model grows confident, even while its accuracy climbs; on a small held-out set the
+        flat start would otherwise be picked: a one-class coder.
     balanced:
         Weight the cross-entropy by inverse class frequency (helps with rare classes).
     weight_decay:
@@ -58,20 +64,22 @@ class FineTune:
         ``lr``.
     """
 
-    epochs: int = 20
-    lr: float = 2e-3
+    epochs: int = 30
+    lr: float = 1e-3
     batch_size: int = 16
     patience: int = 3
     val_fraction: float = 0.15
+    min_steps: int = 100
     balanced: bool = False
     weight_decay: float = 0.0
-    head_lr: float | None = None
+    head_lr: float | None = 1e-2
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "min_steps"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"FineTune.{name} must be a positive integer, got {v!r}")
+            low = 0 if name == "min_steps" else 1
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+                raise ValueError(f"FineTune.{name} must be an integer >= {low}, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"FineTune.lr must be a finite number > 0, got {self.lr!r}")
         if not 0 <= self.val_fraction < 1:
@@ -242,12 +250,21 @@ def finetune(model, tokenizer, texts: Sequence[str], labels: np.ndarray, setting
 
     steps = len(train_dl)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    best = {"loss": math.inf, "values": None}
+    best = {"loss": math.inf, "values": None, "step": None}
+    history: list[tuple[int, float]] = []
+    done = {"steps": 0}
 
     def val_loss() -> float:
+        done["steps"] += steps
+        if done["steps"] < settings.min_steps:
+            # not yet: a falling sentinel counts as an improvement for fit_map's EarlyStopping, so
+            # neither patience nor its best adapter start before min_steps (nothing is evaluated)
+            return 1e9 - done["steps"]
         value = evaluate(model, val_dl)[0]
-        if value < best["loss"]:  # kept here too: fit_map restores the best only when it stops
-            best["loss"], best["values"] = value, {n: p.detach().clone() for n, p in params.items()}
+        history.append((done["steps"], value))
+        if value < best["loss"]:  # kept here: fit_map restores its best only when it stops early
+            best.update(loss=value, step=done["steps"],
+                        values={n: p.detach().clone() for n, p in params.items()})
         return value
 
     stop = None
@@ -264,9 +281,9 @@ def finetune(model, tokenizer, texts: Sequence[str], labels: np.ndarray, setting
                 p.copy_(best["values"][n])
     model.eval()
     rec = {"train_rows": int(len(tr)), "val_rows": int(len(va)), "steps": fit.steps,
-           "epochs_run": fit.steps / steps, "stopped_early": fit.stopped_early,
-           "best_epoch": None if fit.best_step is None else fit.best_step // steps,
-           "val_history": [v for _, v in fit.val_history], "final_train_loss":
+           "steps_per_epoch": steps, "epochs_run": fit.steps / steps, "stopped_early": fit.stopped_early,
+           "best_epoch": None if best["step"] is None else best["step"] // steps,
+           "val_history": [[st // steps, v] for st, v in history], "final_train_loss":
            float(np.mean(fit.losses[-steps:])) if fit.losses else None}
     if val_dl is not None:
         rec["val_loss"], rec["val_accuracy"] = evaluate(model, val_dl)
