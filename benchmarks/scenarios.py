@@ -249,6 +249,13 @@ def s1(seed: int, **variant) -> Replicate:
     return run(seed, **variant)
 
 
+def b3_downstream(seed: int, **variant) -> Replicate:
+    """B3's corpus, MAP coders with and without the downstream term (``benchmarks/downstream_finetune.py``)."""
+    from benchmarks.downstream_finetune import b3_downstream as run
+
+    return run(seed, **variant)
+
+
 # Replication r of the i-th scenario here uses seed 1000 i + r: append new scenarios at the end.
 SCENARIOS = {
     "B1": (b1, [{"a": 2.5, "leak": 0.5}, {"a": 2.0, "leak": 0.0}]),
@@ -256,6 +263,7 @@ SCENARIOS = {
     "B3": (b3, [{"n": 150}, {"n": 300}, {"n": 1000}]),
     "S1": (s1, [{}]),
     **MORE,
+    "B3_downstream": (b3_downstream, [{}]),
 }
 
 
