@@ -80,7 +80,7 @@ def _spread(df: pd.DataFrame, spread, out: LLMOutputs) -> LLMOutputs:
 
 
 def _code_with_model(df, design: Design, *, text, model, tokenizer, posterior, folds, fold_ids, cache_dir,
-                     train, seed, progress):
+                     train, seed, progress, options):
     """Cross-fitted coding of ``df[text]`` by a fresh LoRA fine-tune per fold
     (:func:`~pyro_llm.regression.coding.code_crossfit`)."""
     from .coding import code_crossfit
@@ -92,14 +92,15 @@ def _code_with_model(df, design: Design, *, text, model, tokenizer, posterior, f
                          "regression model (cross-fitted)")
     coded = code_crossfit(df[text].astype(str).tolist(), design.z, model=model, tokenizer=tokenizer,
                           posterior=posterior, folds=folds, fold_ids=fold_ids, seed=seed,
-                          cache_dir=cache_dir, train=train, progress=progress)
+                          cache_dir=cache_dir, train=train, progress=progress, **(options or {}))
     info = {"posterior": posterior, "fold_accuracy": np.asarray(coded.fold_accuracy),
-            "coder": coded.info}
+            "majority_rate": np.asarray(coded.info.get("majority_rate", [])), "coder": coded.info}
     return coded.probs, coded.spread, coded.fold_ids, info
 
 
 def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariate", text: str | None = None,
             model=None, tokenizer=None, posterior: str = "map", folds: int = 5, cache_dir=None, train=None,
+            coder: dict | None = None,
             predictions=None, predictions_kind: str = "auto", fold_ids=None, spread=None,
             llm: Callable | None = None, method: str = "dr", family: str = "gaussian", prob=None,
             cluster=None, interval: str = "sandwich", splits: int = 5, completion_prior: float = 2.5,
@@ -122,11 +123,15 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
         The column with the gold value of the coded variable; missing values mark the rows the LLM
         codes. ``kind="auto"`` treats a numeric label with more than 10 distinct values as
         continuous, anything else as categorical; ``classes`` orders the categories.
-    text, model, tokenizer, posterior, folds, cache_dir, train:
+    text, model, tokenizer, posterior, folds, cache_dir, train, coder:
         The one call from text: ``model`` (a peft LoRA sequence classifier, or a local model
         folder) is fine-tuned ``folds`` times, each time on the other folds' labelled rows only,
-        with the chosen ``posterior`` (``"map"``, ``"laplace"``, ...); every row of ``df[text]`` is
-        coded by the model of its fold. Coded outputs are cached in ``cache_dir`` (resumable).
+        with the chosen ``posterior`` (``"map"``, ``"laplace"``, ``"ensemble"``, ``"svi"``); every row
+        of ``df[text]`` is coded by the model of its fold
+        (:func:`~pyro_llm.regression.coding.code_crossfit`). ``train`` is a
+        :class:`~pyro_llm.regression.finetune.FineTune` (epochs, learning rates, early stopping);
+        ``coder`` more options of ``code_crossfit`` (``max_length``, ``num_samples``). Coded outputs
+        and fold adapters are cached in ``cache_dir``: an interrupted call resumes.
     predictions, predictions_kind, fold_ids, spread:
         Or the LLM's outputs computed elsewhere (cross-fitted!): (N,) coded labels, (N,) binary
         log-odds, (N,) probabilities of the second class, (N, K) probabilities or logits, or
@@ -177,7 +182,7 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
     if model is not None:
         predictions, spread, fold_ids, coder = _code_with_model(
             df, design, text=text, model=model, tokenizer=tokenizer, posterior=posterior, folds=folds,
-            fold_ids=fold_ids, cache_dir=cache_dir, train=train, seed=seed, progress=progress)
+            fold_ids=fold_ids, cache_dir=cache_dir, train=train, seed=seed, progress=progress, options=coder)
         info.update(coder)
         kind_ = "probs"
     elif llm is not None:
