@@ -380,13 +380,22 @@ def test_degenerate_coder_warns(monkeypatch):
 
 # ---------------------------------------------------------------------------- real model
 @pytest.mark.slow
-def test_minilm_rotten_tomatoes_coders_beat_chance(minilm_tokenizer):
+def test_minilm_rotten_tomatoes_coders_beat_chance():
+    """Default fine-tuning on real text: 320 labelled reviews (160 fresh, 160 rotten), 2 folds, LoRA
+    on MiniLM's top two blocks, max_length 32; each coder trains on 160 rows (136 after the
+    early-stopping split). Measured: 0.72 and 0.69 in ~50 s on one busy core. (With 60 training
+    rows LoRA on MiniLM memorises them and stays near 0.55-0.6 on new reviews.)"""
+    import time
+
     from pyro_llm import data, models
 
     texts, y = data.rotten_tomatoes(seed=0)
-    texts, y = texts[:160], y[:160]
-    labels = np.where(np.arange(160) < 120, y, -1)
-    model, tok = models.lora_classifier(num_labels=2)
+    rows = np.sort(np.concatenate([np.flatnonzero(y == 1)[:160], np.flatnonzero(y == 0)[:160]]))
+    texts, labels = [texts[i] for i in rows], y[rows]
+    model, tok = models.lora_classifier(num_labels=2, layers_to_transform=[4, 5])
+    t0 = time.perf_counter()
     res = code_crossfit(texts, labels, model=model, tokenizer=tok, folds=2, max_length=32,
                         progress=False)
     assert (res.fold_accuracy > 0.6).all(), res.fold_accuracy
+    assert not res.info["warnings"]
+    print(f"fold accuracy {res.fold_accuracy}, {time.perf_counter() - t0:.0f} s")

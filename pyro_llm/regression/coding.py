@@ -92,7 +92,8 @@ class CrossFitCoding:
         The class indices ``(0, ..., K-1)``.
     info:
         ``posterior``, ``train`` (the :class:`FineTune` settings), ``lr``, ``epochs_run`` and
-        ``best_epoch`` per fold, ``seconds`` per fold, ``total_seconds``, ``cache_dir`` (``None``
+        ``best_epoch`` per fold, ``seconds`` per fold (fine-tuning, posterior and coding, each
+        stage counted once across resumed runs), ``total_seconds`` (this call), ``cache_dir`` (``None``
         for a temporary one), ``resumed_folds``, ``warnings`` (their messages), ``majority_rate``
         (the most common class's share of the labelled rows, which each fold's accuracy is checked
         against), and ``folds_detail`` (each fold's full record).
@@ -298,7 +299,6 @@ class _Run:
             rec = {**json.loads(done.read_text()), "resumed": True}
             probs, spread = self._read(d, rows)
             return rec, probs, spread
-        t0 = time.perf_counter()
         train_rows = np.flatnonzero((self.y >= 0) & (self.ids != k))
         texts = [self.texts[i] for i in train_rows]
         labels = self.y[train_rows]
@@ -313,10 +313,14 @@ class _Run:
                                                 self.train, d, K=self.K, max_length=self.max_length,
                                                 num_samples=self.num_samples, seed=s,
                                                 progress=self.progress)
+        t_code = time.perf_counter()
         order = rows[np.argsort([len(self.texts[i]) for i in rows], kind="stable")]
         code_corpus([self.texts[i] for i in order], predict, d / "coded", ids=order.tolist(),
                     batch_size=CODE_BATCH, shard_size=SHARD_ROWS, keep=keep, progress=self.progress)
         probs, spread = self._read(d, rows)
+        code_seconds = time.perf_counter() - t_code
+        post_seconds = post_rec.get("seconds", sum(m.get("seconds", 0.0)
+                                                   for m in post_rec.get("members", [])))
         held = rows[self.y[rows] >= 0]
         pred = probs[np.searchsorted(rows, held)].argmax(-1)
         acc = float((pred == self.y[held]).mean())
@@ -325,7 +329,10 @@ class _Run:
                "heldout_majority_rate": heldout_majority,
                "one_class": bool(len(np.unique(probs.argmax(-1))) == 1),
                "rows": int(len(rows)), "heldout_labelled": int(len(held)),
-               "seconds": time.perf_counter() - t0}
+               "fit_seconds": fit.get("seconds", 0.0), "posterior_seconds": post_seconds,
+               "code_seconds": code_seconds,
+               # the work the fold took; a stage finished by an earlier, interrupted run counts once
+               "seconds": fit.get("seconds", 0.0) + post_seconds + code_seconds}
         write_json(done, rec)
         return rec, probs, spread
 

@@ -38,9 +38,10 @@ class FineTune:
     Parameters
     ----------
     epochs:
-        The most passes over the fold's training rows; early stopping usually ends sooner.
+        The most passes over the fold's training rows (raised, for small folds, so that
+        ``3 * min_steps`` steps can run); early stopping usually ends sooner.
     lr:
-        AdamW learning rate of the LoRA matrices and the classification head.
+        AdamW learning rate of the LoRA matrices (and of the head unless ``head_lr`` is set).
     batch_size:
         Texts per step.
     patience:
@@ -273,7 +274,8 @@ def finetune(model, tokenizer, texts: Sequence[str], labels: np.ndarray, setting
     lr = settings.lr
     if settings.head_lr is not None:
         lr = lambda name: settings.head_lr if ".modules_to_save." in name else settings.lr  # noqa: E731
-    fit = fit_map(model, train_dl, loss=loss, epochs=settings.epochs, lr=lr,
+    epochs = max(settings.epochs, math.ceil(3 * settings.min_steps / steps)) if val_dl else settings.epochs
+    fit = fit_map(model, train_dl, loss=loss, epochs=epochs, lr=lr,
                   weight_decay=settings.weight_decay, early_stopping=stop, progress=progress, seed=seed)
     if best["values"] is not None:
         with torch.no_grad():

@@ -141,8 +141,8 @@ def _svi(model, tok, texts, labels, train, d, max_length, num_samples, seed, pro
                           init_scale=SVI["init_scale"], progress=progress, seed=seed)
             pyro.set_rng_seed(seed)
             draws = GuidePosterior(fit.guide).sample(num_samples)
-            fixed = {lora.peft_name(s): store[lora.site_name(s)].detach()
-                     for s in lora.fixed_names if lora.site_name(s) in store}
+            fixed = {n: store[lora.site_name(n)].detach() for n in lora.fixed_names
+                     if lora.site_name(n) in store}
         tensors = {f"draw{i}/{k}": v.contiguous() for i, dr in enumerate(draws) for k, v in dr.items()}
         tensors.update({f"fixed/{k}": v.contiguous() for k, v in fixed.items()})
         save_safetensors(f, tensors)
