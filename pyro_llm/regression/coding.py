@@ -8,9 +8,12 @@ is what keeps the downstream doubly robust estimator valid (see ``shared/INFEREN
 Posteriors (``posterior=``):
 
 * ``"map"`` -- the fine-tuned adapter; ``spread`` is 0;
-* ``"laplace"`` -- Laplace-LoRA (:func:`pyro_llm.fit_laplace`, KFAC over every LoRA A and B,
-  prior precision by marginal likelihood) on the MAP adapter, its linearised (GLM) predictive
-  with ``num_samples`` Monte Carlo draws of the logits;
+* ``"laplace"`` -- last-layer Laplace (:func:`pyro_llm.fit_laplace` over the classification head
+  of the MAP adapter, dense curvature, prior precision by marginal likelihood) and its linearised
+  (GLM) predictive with ``max(num_samples, 100)`` Monte Carlo draws of the logits (the draws are
+  nearly free; 16 left 1-2 points of accuracy to Monte Carlo noise). On MiniLM with 120 reviews per
+  fold it kept the MAP accuracy (0.70 vs 0.71) and halved the log-loss (0.57 vs 1.18); Laplace
+  over every LoRA matrix (KFAC) was wider and less accurate there (0.62-0.67) and twice as slow;
 * ``"ensemble"`` -- :data:`ENSEMBLE_MEMBERS` adapters fine-tuned from different seeds (the first
   is the MAP adapter), each member's probabilities one draw;
 * ``"svi"`` -- Bayesian LoRA: LoRA B random around the MAP adapter (prior N(0, 0.1^2)), a
@@ -54,7 +57,7 @@ from . import coding_inputs as inputs
 from . import finetune as ft
 from .crossfit import fold_ids as assign_folds
 from .finetune import FineTune
-from .fold_posterior import ENSEMBLE_MEMBERS, predictor_for
+from .fold_posterior import ENSEMBLE_MEMBERS, laplace_draws, predictor_for
 
 __all__ = ["CrossFitCoding", "FineTune", "code_crossfit", "posterior_spread", "POSTERIORS",
            "DEGENERATE_MARGIN", "ENSEMBLE_MEMBERS"]
@@ -272,7 +275,9 @@ def code_crossfit(texts: Sequence[str], labels, *, model, tokenizer=None, poster
             "cache_dir": None if temporary else str(root),
             "resumed_folds": [k for k, r in enumerate(recs) if r.get("resumed")],
             "majority_rate": majority, "warnings": caught,
-            "max_length": max_length, "num_samples": num_samples if posterior != "map" else 1,
+            "max_length": max_length, "num_samples": {"map": 1, "ensemble": ENSEMBLE_MEMBERS,
+                                                        "laplace": laplace_draws(num_samples)
+                                                        }.get(posterior, num_samples),
             "folds_detail": recs}
     return CrossFitCoding(probs=probs, spread=spread, fold_ids=ids, fitted_on=fitted_on,
                           fold_accuracy=np.array([r["accuracy"] for r in recs]),
