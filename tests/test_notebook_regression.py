@@ -24,10 +24,10 @@ def test_downstream_regression_notebook_runs(monkeypatch):
     text, images = run_notebook_smoke(NOTEBOOK, monkeypatch)
     assert "SMOKE=True" in text
     table = text[text.index("comparison of the coefficient of `democrat`"):]
-    for method in ("oracle", "naive", "labelled_only", "ptd", "mi", "joint"):
+    for method in ("oracle", "dr", "dr, clustered", "naive", "labelled_only", "ptd", "mi", "joint"):
         assert method in table, f"{method!r} missing from the printed comparison table"
-    for expected in ("covers oracle", "cross-fitted, on the uncoded turns", "completion_features",
-                     "total run time"):
+    for expected in ("covers oracle", "cross-fitted, on the uncoded turns", "eff. labelled n",
+                     "coder's cross-fitted accuracy per fold", "total run time"):
         assert expected in text, f"{expected!r} missing from the notebook's outputs"
     assert images >= 1  # the forest plots
     assert os.environ["PYRO_LLM_SMOKE"] == "1"
