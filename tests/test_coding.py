@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,10 +287,19 @@ def test_no_temporary_folder_left(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     texts, labels = corpus(12, 8)
+    seen = []
+    real = tempfile.mkdtemp
+
+    def recording(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         run(texts, labels)
-    assert list(tmp_path.iterdir()) == []
+    assert seen and not any(Path(d).exists() for d in seen)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("pyro_llm_crossfit_")]
 
 
 # ---------------------------------------------------------------------------- bad inputs
@@ -342,17 +352,29 @@ def test_model_without_lora_and_missing_tokenizer():
 
 
 @QUIET
-def test_model_folder_path(tmp_path):
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_model_folder_path(tmp_path, kind):
+    """A local model folder: the adapter targets come from its model_type (query/value for BERT,
+    q_proj/v_proj for Llama), the tokenizer from the folder."""
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    tf.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "m")
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=64)
+    if kind == "bert":
+        net = tf.BertForSequenceClassification(tf.BertConfig(**common))
+    else:
+        net = tf.LlamaForSequenceClassification(tf.LlamaConfig(num_key_value_heads=2, **common))
+    net.save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     texts, labels = corpus(16, 12)
     res = run(texts, labels, str(tmp_path / "m"), tokenizer=None)
     assert res.probs.shape == (16, 2)
+    np.testing.assert_allclose(res.probs.sum(1), 1.0, atol=1e-12)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "no-such-arch"}')
+    with pytest.raises(ValueError, match="no default LoRA target modules for model_type 'no-such-arch'"):
+        run(texts, labels, str(tmp_path / "odd"), tokenizer=None)
 
 
 # ---------------------------------------------------------------------------- degenerate coders

@@ -105,6 +105,23 @@ def num_labels_of(model) -> int | None:
     return int(k) if k is not None else None
 
 
+def _lora_targets(path: Path) -> tuple[str, ...]:
+    """peft's default LoRA target modules for the folder's ``model_type`` (query and value
+    projections), or a clear error for an architecture peft does not know."""
+    import json
+
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
+
+    kind = json.loads((path / "config.json").read_text()).get("model_type")
+    extra = {"distilbert": ["q_lin", "v_lin"]}
+    found = targets.get(kind) or extra.get(kind)
+    if not found:
+        raise ValueError(f"no default LoRA target modules for model_type {kind!r} (from {path}); "
+                         "build the adapter yourself, e.g. pyro_llm.models.lora_classifier(path, "
+                         "num_labels=K, target_modules=(...)), and pass that model with its tokenizer")
+    return tuple(found)
+
+
 def resolve_model(model, tokenizer, num_classes: int):
     """``(peft model, tokenizer)`` from a peft model with a LoRA adapter (tokenizer given, or found
     in the model's folder) or from a local Hugging Face classifier folder, adapted by
@@ -116,8 +133,14 @@ def resolve_model(model, tokenizer, num_classes: int):
         if not (path / "config.json").exists():
             raise ValueError(f"model={str(model)!r} is not a local Hugging Face model folder (no "
                              "config.json there)")
-        peft_model, tok = lora_classifier(path, num_labels=num_classes)
-        return peft_model, tokenizer if tokenizer is not None else tok
+        peft_model, tok = lora_classifier(path, num_labels=num_classes,
+                                          target_modules=_lora_targets(path))
+        tok = tokenizer if tokenizer is not None else tok
+        if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
+            tok.pad_token = tok.eos_token  # decoders ship without one; the last real token is read
+        if getattr(peft_model.config, "pad_token_id", None) is None:
+            peft_model.config.pad_token_id = tok.pad_token_id
+        return peft_model, tok
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a peft model with a LoRA adapter or a model folder path, "
                         f"got {type(model).__name__}")
