@@ -7,10 +7,21 @@ fold's coder. :func:`finetune` trains that copy with :func:`pyro_llm.fit_map` on
 rows it is given, holding out a stratified share of them for early stopping on the held-out
 log-loss (the best epoch's adapter is kept). Settings are a frozen :class:`FineTune`.
 
-Defaults were chosen on real text (all-MiniLM-L6-v2, Rotten Tomatoes; see the README of
-:mod:`pyro_llm.regression` and the report in :mod:`.coding`): a few epochs at a small
-learning rate leave a LoRA classifier predicting one class, because the head and the adapter
-barely move in the few dozen steps that ~150 labelled rows give.
+Defaults, measured on real text (all-MiniLM-L6-v2 with LoRA r = 8 on query/value, Rotten
+Tomatoes, max_length 64, one thread): a LoRA classifier's held-out loss sits flat for the first
+50-80 steps at lr 1e-3 (B starts at 0 and the new head near 0: the coder predicts one class),
+then accuracy jumps and the held-out loss *rises* as the model grows confident. On ~100
+training rows the 18 held-out rows could not see the jump, and early stopping from the start
+kept the flat, one-class model (test accuracy 0.547 = the majority rate, for lr 1e-3 and 3e-3
+alike; "3 epochs at lr 1e-3" stops inside the flat start). Test accuracy per epoch on 400
+reviews, 102 training rows, lr 1e-3, three seeds: 0.55-0.57 for 6-10 epochs, then 0.61-0.73
+and flat to epoch 20. Hence ``min_steps=100`` before early stopping looks at all, and a 10x
+head learning rate that shortens the flat start. With 340 training rows the best held-out
+loss came at epochs 4-6 (110 steps), accuracy 0.76-0.78. Cross-fitted, 5 folds, N = 2,000:
+150 labelled rows gave fold accuracies 0.57-0.80 (30 rows each) and 0.685 on the 1,850
+unlabelled reviews (their majority rate 0.568); 500 labelled gave 0.70-0.78 and 0.715; each
+fold's fine-tuning took ~50 s (150) and ~75 s (500). Below ~60 training rows LoRA on MiniLM
+memorises them and reaches only 0.55-0.6 on new reviews, whatever the schedule.
 """
 
 from __future__ import annotations
