@@ -94,7 +94,7 @@ def _code_with_model(df, design: Design, *, text, model, tokenizer, posterior, f
                           posterior=posterior, folds=folds, fold_ids=fold_ids, seed=seed,
                           cache_dir=cache_dir, train=train, progress=progress, **(options or {}))
     info = {"posterior": posterior, "fold_accuracy": np.asarray(coded.fold_accuracy),
-            "majority_rate": np.asarray(coded.info.get("majority_rate", [])), "coder": coded.info,
+            "majority_rate": coded.info.get("majority_rate"), "coder": coded.info,
             "coded": {"probs": coded.probs, "spread": coded.spread, "fold_ids": coded.fold_ids}}
     return coded.probs, coded.spread, coded.fold_ids, info
 
