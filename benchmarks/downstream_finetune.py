@@ -22,7 +22,8 @@ MAP_STEPS = 200
 
 def map_coder(x, z, lab_rows, unl_rows, predict_rows, seed, term=None, steps: int = MAP_STEPS):
     """A LoRA MLP coder fine-tuned by full-batch AdamW on ``lab_rows`` (cross-entropy), plus the
-    downstream term on ``unl_rows`` when ``term`` is given; (len(predict_rows), 2) probabilities."""
+    downstream term on ``unl_rows`` when ``term`` is given (its β, σ held at the labelled fit, as
+    the library does); (len(predict_rows), 2) probabilities."""
     import peft
     import torch
 
@@ -33,19 +34,15 @@ def map_coder(x, z, lab_rows, unl_rows, predict_rows, seed, term=None, steps: in
     zl = torch.as_tensor(z[lab_rows], dtype=torch.long)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    reg = torch.optim.Adam(term.parameters(), lr=1e-2) if term is not None else None
     lab_t, unl_t = torch.as_tensor(lab_rows), torch.as_tensor(unl_rows)
     for _ in range(steps):
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(xt[lab_t]), zl)
         if term is not None:
-            reg.zero_grad()
             # the term is a mean over unlabelled rows; weight it by their share of the training rows
             loss = loss + len(unl_rows) / len(lab_rows) * term.loss(model(xt[unl_t]), unl_t)
         loss.backward()
         opt.step()
-        if reg is not None:
-            reg.step()
     with torch.no_grad():
         return model(xt[torch.as_tensor(predict_rows)]).softmax(-1).double().numpy()
 

@@ -89,3 +89,35 @@ def test_one_call_refuses_a_class_missing_from_a_fold():
     df.loc[ones[1:], "z"] = 0.0                                      # a single labelled row of class 1
     with pytest.raises(ValueError, match="class"):
         call(df)
+
+
+@QUIET
+def test_downstream_fine_tuning_stays_inside_the_folds(monkeypatch):
+    """With downstream=True each fold's coder also trains on the regression likelihood over the
+    other folds' unlabelled rows; its (β, σ) come from the other folds' labelled rows only. A test
+    that fails if fold k's rows (labels, outcomes, unlabelled texts) reach fold k's coder."""
+    from pyro_llm.regression import finetune as ftmod
+
+    df = frame(n=60, n_lab=30, seed=3)
+    seen = []
+    real = ftmod.finetune
+
+    def spy(model, tok, texts, labels, settings, **kw):
+        term, unl_texts, unl_rows = kw["downstream"]
+        seen.append((set(texts), np.asarray(unl_rows), term.beta.detach().numpy().copy()))
+        return real(model, tok, texts, labels, settings, **kw)
+
+    monkeypatch.setattr(ftmod, "finetune", spy)
+    res = call(df, downstream=True)
+    ids = res.info["coded"]["fold_ids"]
+    lab = df["z"].notna().to_numpy()
+    assert len(seen) == 2
+    for k, (texts, unl_rows, beta) in enumerate(seen):
+        own = set(df["text"][ids == k])
+        assert not texts & own and not set(unl_rows) & set(np.flatnonzero(ids == k))
+        assert set(unl_rows) == set(np.flatnonzero(~lab & (ids != k)))
+        rows = lab & (ids != k)
+        X = np.column_stack([np.ones(rows.sum()), df["z"][rows], df["q"][rows]])
+        np.testing.assert_allclose(beta, np.linalg.lstsq(X, df["y"][rows], rcond=None)[0], rtol=1e-4)
+    with pytest.raises(ValueError, match="needs model= and text="):
+        regress(df, "y ~ z + q", label="z", predictions=np.zeros(60), downstream=True)

@@ -80,7 +80,7 @@ def _spread(df: pd.DataFrame, spread, out: LLMOutputs) -> LLMOutputs:
 
 
 def _code_with_model(df, design: Design, *, text, model, tokenizer, posterior, folds, fold_ids, cache_dir,
-                     train, seed, progress, options):
+                     train, seed, progress, options, downstream, family):
     """Cross-fitted coding of ``df[text]`` by a fresh LoRA fine-tune per fold
     (:func:`~pyro_llm.regression.coding.code_crossfit`)."""
     from .coding import code_crossfit
@@ -90,9 +90,15 @@ def _code_with_model(df, design: Design, *, text, model, tokenizer, posterior, f
     if design.kind == "continuous":
         raise ValueError("model= fine-tunes a classifier; a continuous label needs predictions= from a "
                          "regression model (cross-fitted)")
+    term = None
+    if downstream:
+        from .downstream import downstream_term
+
+        term = downstream_term(design, family, 1.0 if downstream is True else float(downstream))
     coded = code_crossfit(df[text].astype(str).tolist(), design.z, model=model, tokenizer=tokenizer,
                           posterior=posterior, folds=folds, fold_ids=fold_ids, seed=seed,
-                          cache_dir=cache_dir, train=train, progress=progress, **(options or {}))
+                          cache_dir=cache_dir, train=train, progress=progress, downstream=term,
+                          **(options or {}))
     info = {"posterior": posterior, "fold_accuracy": np.asarray(coded.fold_accuracy),
             "majority_rate": coded.info.get("majority_rate"), "coder": coded.info,
             "coded": {"probs": coded.probs, "spread": coded.spread, "fold_ids": coded.fold_ids}}
@@ -101,7 +107,7 @@ def _code_with_model(df, design: Design, *, text, model, tokenizer, posterior, f
 
 def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariate", text: str | None = None,
             model=None, tokenizer=None, posterior: str = "map", folds: int = 5, cache_dir=None, train=None,
-            coder: dict | None = None,
+            coder: dict | None = None, downstream: bool | float = False,
             predictions=None, predictions_kind: str = "auto", fold_ids=None, spread=None,
             llm: Callable | None = None, method: str = "dr", family: str = "gaussian", prob=None,
             cluster=None, interval: str = "sandwich", splits: int = 5, completion_prior: float = 2.5,
@@ -133,6 +139,11 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
         :class:`~pyro_llm.regression.finetune.FineTune` (epochs, learning rates, early stopping);
         ``coder`` more options of ``code_crossfit`` (``max_length``, ``num_samples``). Coded outputs
         and fold adapters are cached in ``cache_dir``: an interrupted call resumes.
+    downstream:
+        Fine-tune "for the downstream task" (covariate role): each fold's coder is also trained on
+        the regression's likelihood (z summed out) over the other folds' unlabelled rows, with
+        this weight (``True`` = 1). Inside the folds, so fold k's labels and outcomes never reach
+        fold k's coder; see :mod:`pyro_llm.regression.downstream`.
     predictions, predictions_kind, fold_ids, spread:
         Or the LLM's outputs computed elsewhere (cross-fitted!): (N,) coded labels, (N,) binary
         log-odds, (N,) probabilities of the second class, (N, K) probabilities or logits, or
@@ -180,10 +191,13 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
     if method != "dr" and (prob is not None or cluster is not None):
         raise ValueError(f"prob= and cluster= are supported by method='dr' only, not {method!r}")
     kind_ = predictions_kind
+    if downstream and model is None:
+        raise ValueError("downstream= fine-tunes the coder: it needs model= and text=")
     if model is not None:
         predictions, spread, fold_ids, coder = _code_with_model(
             df, design, text=text, model=model, tokenizer=tokenizer, posterior=posterior, folds=folds,
-            fold_ids=fold_ids, cache_dir=cache_dir, train=train, seed=seed, progress=progress, options=coder)
+            fold_ids=fold_ids, cache_dir=cache_dir, train=train, seed=seed, progress=progress, options=coder,
+            downstream=downstream, family=family)
         info.update(coder)
         kind_ = "probs"
     elif llm is not None:

@@ -158,7 +158,7 @@ def _degenerate(k: int, acc: float, majority: float, one_class: bool) -> str | N
 def code_crossfit(texts: Sequence[str], labels, *, model, tokenizer=None, posterior: str = "map",
                   folds: int = 5, fold_ids=None, seed: int = 0, cache_dir=None,
                   train: FineTune | None = None, max_length: int = 128, num_samples: int = 16,
-                  progress: bool = True) -> CrossFitCoding:
+                  progress: bool = True, downstream=None) -> CrossFitCoding:
     """Code every text with a LoRA classifier that never saw the row's label.
 
     Parameters
@@ -252,6 +252,10 @@ def code_crossfit(texts: Sequence[str], labels, *, model, tokenizer=None, poster
            "fold_ids": cache.array_fingerprint(ids), "folds": int(folds), "posterior": posterior,
            "train": train.to_dict(), "max_length": int(max_length), "num_samples": int(num_samples),
            "seed": int(seed)}
+    if downstream is not None:   # fine-tuning for the downstream task: its data and weight are inputs too
+        key["downstream"] = {"weight": downstream.weight, "family": downstream.family,
+                             "X": cache.array_fingerprint(downstream.X_by_class.numpy()),
+                             "y": cache.array_fingerprint(downstream.y.numpy())}
     temporary = cache_dir is None
     root = Path(tempfile.mkdtemp(prefix="pyro_llm_crossfit_")) if temporary else Path(cache_dir)
     rng_state = pyro.util.get_rng_state()
@@ -259,6 +263,7 @@ def code_crossfit(texts: Sequence[str], labels, *, model, tokenizer=None, poster
         cache.open_cache(root, key)
         run = _Run(texts, y, ids, base, tok, posterior, train, num_labels, max_length, num_samples,
                    seed, progress)
+        run.downstream = downstream
         recs, probs, spread = [], np.zeros((len(texts), num_labels)), np.zeros(len(texts))
         majority = float(np.bincount(y[labelled], minlength=num_labels).max() / labelled.sum())
         for k in tqdm(range(folds), desc="cross-fit folds", disable=not progress):
@@ -301,6 +306,8 @@ class _Run:
         self.max_length, self.num_samples, self.seed, self.progress = (max_length, num_samples,
                                                                        seed, progress)
 
+    downstream = None
+
     def fold_seed(self, k: int) -> int:
         return int(self.seed) * 1000 + k
 
@@ -319,8 +326,12 @@ class _Run:
         cfg = getattr(model, "config", None)
         if cfg is not None and getattr(cfg, "pad_token_id", 0) is None:
             cfg.pad_token_id = self.tok.pad_token_id  # decoder classifiers find the last token by it
+        extra = None
+        if self.downstream is not None:   # the other folds' unlabelled rows, with their outcomes
+            unl = np.flatnonzero((self.y < 0) & (self.ids != k))
+            extra = (self.downstream.for_rows(train_rows), [self.texts[i] for i in unl], unl)
         fit = _fit_or_load(model, self.tok, texts, labels, self.train, d, K=self.K,
-                           max_length=self.max_length, seed=s, progress=self.progress)
+                           max_length=self.max_length, seed=s, progress=self.progress, downstream=extra)
         predict, keep, post_rec = predictor_for(self.posterior, model, self.tok, texts, labels,
                                                 self.train, d, K=self.K, max_length=self.max_length,
                                                 num_samples=self.num_samples, seed=s,
@@ -363,14 +374,15 @@ class _Run:
         return probs, spread
 
 
-def _fit_or_load(model, tok, texts, labels, train, d: Path, *, K, max_length, seed, progress) -> dict:
+def _fit_or_load(model, tok, texts, labels, train, d: Path, *, K, max_length, seed, progress,
+                 downstream=None) -> dict:
     """Fine-tune ``model`` and save its adapter under ``d``, or load the adapter saved there."""
     f = d / "fit.json"
     if f.exists() and (d / "adapter").exists():
         cache.load_adapter(model, d / "adapter")
         return {**json.loads(f.read_text()), "resumed": True}
     rec = ft.finetune(model, tok, texts, labels, train, num_classes=K, max_length=max_length,
-                      seed=seed, progress=progress)
+                      seed=seed, progress=progress, downstream=downstream)
     cache.save_adapter(model, d / "adapter")
     write_json(f, rec)
     return rec

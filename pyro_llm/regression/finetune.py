@@ -231,15 +231,27 @@ def evaluate(model, loader) -> tuple[float, float]:
     return nll / n, correct / n
 
 
+def _cycle(loader):
+    """Batches of ``loader`` without end (reshuffled on every pass)."""
+    while True:
+        yield from loader
+
+
 # ---------------------------------------------------------------------------- training
 def finetune(model, tokenizer, texts: Sequence[str], labels: np.ndarray, settings: FineTune, *,
-             num_classes: int, max_length: int = 128, seed: int = 0, progress: bool = False) -> dict:
+             num_classes: int, max_length: int = 128, seed: int = 0, progress: bool = False,
+             downstream=None) -> dict:
     """Fine-tune ``model`` (a peft classifier, in place) on ``texts`` with ``labels``.
 
     A stratified ``settings.val_fraction`` of the rows is held out; every epoch the held-out
     log-loss is computed and training stops after ``settings.patience`` epochs without an
     improvement, restoring the best epoch's adapter. Returns a record: epochs run, best epoch,
     held-out log-loss and accuracy, training rows, seconds.
+
+    ``downstream = (term, texts, rows)`` adds, at every step, the regression likelihood with z
+    summed out (:class:`~pyro_llm.regression.downstream.DownstreamTerm`) on a batch of the
+    unlabelled ``texts`` (corpus rows ``rows``, all from the training folds), weighted by their
+    number over the labelled training rows' (the joint likelihood's proportions).
     """
     labels = np.asarray(labels, dtype=np.int64)
     texts = list(texts)
@@ -255,10 +267,22 @@ def finetune(model, tokenizer, texts: Sequence[str], labels: np.ndarray, setting
         counts = np.bincount(labels[tr], minlength=num_classes).astype(float)
         weight = torch.as_tensor(len(tr) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
+    extra = None
+    if downstream is not None:
+        term, unl_texts, unl_rows = downstream
+        unl = _loader(list(unl_texts), np.asarray(unl_rows, dtype=np.int64), tokenizer, max_length,
+                      settings.batch_size, shuffle=True, device=dev)
+        extra = (term, _cycle(unl), len(unl_rows) / max(len(tr), 1))
+
     def loss(m, batch):
         logits = class_logits(m, batch).float()
         w = None if weight is None else weight.to(logits.device)
-        return torch.nn.functional.cross_entropy(logits, batch["labels"], weight=w)
+        value = torch.nn.functional.cross_entropy(logits, batch["labels"], weight=w)
+        if extra is not None:
+            term, batches, ratio = extra
+            ub = next(batches)
+            value = value + ratio * term.loss(class_logits(m, ub).float().cpu(), ub["labels"].cpu())
+        return value
 
     steps = len(train_dl)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
