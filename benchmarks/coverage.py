@@ -212,10 +212,11 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: list[dict]) -> str:
-    """The README's table: one row per scenario and method (the default in bold), and a row with the
-    efficiency bound's width; widths also as ratios to the bound and to PPI++."""
-    lines = ["| scenario | method | R | bias | RMSE | coverage (MC s.e.) | width (median) | width ÷ bound "
+def markdown(results: list[dict], methods: list[str] | None = None) -> str:
+    """The docs' table: one row per scenario and method (the default in bold; only ``methods`` when
+    given), and a row with the efficiency bound's width; widths also as ratios to the bound and to
+    PPI++."""
+    lines = ["| scenario | method | R | bias (MC s.e.) | RMSE | coverage (MC s.e.) | width (median) | width ÷ bound "
              "| width ÷ PPI++ | s/rep |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for res in results:
@@ -227,12 +228,15 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {name} | efficiency bound ({res['bound_kind']}) | {res['R']} | | | | "
                          f"{res['bound_width']:.4f} | 1.00 | {rel} | |")
         for label, m in res["methods"].items():
+            if methods and label not in methods and label != res.get("default"):
+                continue
             shown = f"**{label}**" if label == res.get("default") else label
             if not m["R"]:
                 lines.append(f"| {name} | {shown} | 0 | failed ({m['failures']}) | | | | | | |")
                 continue
             rb, rp = _relative(res, m)
-            lines.append(f"| {name} | {shown} | {m['R']} | {m['bias']:+.4f} | {m['rmse']:.4f} | "
+            bse = m.get("bias_mcse", float("nan"))
+            lines.append(f"| {name} | {shown} | {m['R']} | {m['bias']:+.4f} ({bse:.4f}) | {m['rmse']:.4f} | "
                          f"{m['coverage']:.3f} ({m['coverage_mcse']:.3f}) | {m['width']:.4f} "
                          f"({m['width_median']:.4f}) | {rb} | {rp} | {m['sec_per_rep']:.2f} |")
     return "\n".join(lines)
@@ -257,7 +261,7 @@ def main(argv=None):
                    help="keep the scenarios already in --out (same variant and R) and run the rest")
     args = p.parse_args(argv)
     if args.markdown:
-        print(markdown([r for f in args.markdown for r in json.loads(f.read_text())]))
+        print(markdown([r for f in args.markdown for r in json.loads(f.read_text())], args.methods))
         return None
     results = []
     if args.resume:
