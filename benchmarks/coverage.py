@@ -216,7 +216,8 @@ def markdown(results: list[dict], methods: list[str] | None = None) -> str:
     """The docs' table: one row per scenario and method (the default in bold; only ``methods`` when
     given), and a row with the efficiency bound's width; widths also as ratios to the bound and to
     PPI++."""
-    lines = ["| scenario | method | R | bias (MC s.e.) | RMSE | coverage (MC s.e.) | width (median) | width ÷ bound "
+    lines = ["| scenario | method | R | bias (MC s.e.) | RMSE | coverage (MC s.e.) | width (median) "
+             "| width ÷ bound "
              "| width ÷ PPI++ | s/rep |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for res in results:

@@ -250,7 +250,8 @@ def s1(seed: int, **variant) -> Replicate:
 
 
 def b3_downstream(seed: int, **variant) -> Replicate:
-    """B3's corpus, MAP coders with and without the downstream term (``benchmarks/downstream_finetune.py``)."""
+    """B3's corpus, MAP coders with and without the downstream term
+    (``benchmarks/downstream_finetune.py``)."""
     from benchmarks.downstream_finetune import b3_downstream as run
 
     return run(seed, **variant)

@@ -43,7 +43,8 @@ def oracle_probs(df, s, a=2.0, leak=0.5):
     for k in (0, 1):
         e = y - 1 - k - 0.5 * q
         prior = expit(-0.5 + 0.8 * q) if k else 1 - expit(-0.5 + 0.8 * q)
-        lp.append(np.log(prior) + stats.norm.logpdf(e) + stats.norm.logpdf(s - a * (2 * k - 1) - 0.6 * q - leak * e))
+        lp.append(np.log(prior) + stats.norm.logpdf(e)
+                  + stats.norm.logpdf(s - a * (2 * k - 1) - 0.6 * q - leak * e))
     lp = np.array(lp).T
     return np.exp(lp - np.logaddexp.reduce(lp, 1, keepdims=True))
 
@@ -57,7 +58,7 @@ def test_doubly_robust_stays_unbiased_with_a_wrong_completion_model_where_the_pl
         df, s, _ = b1_like(r, N=1500, n=300)
         design = build_design(df, "y ~ z + q", label="z")
         wrong = np.random.default_rng(10_000 + r).permutation(s)
-        W, y = design.F[:, 1:-1], design.F[:, -1]
+        W = design.F[:, 1:-1]
         F = features(wrong[:, None], None, None, W[:, :0], None, design.labelled)   # no W, wrong score
         comp = crossfit_completion(F, design.z_filled, design.labelled, num_classes=2, splits=1, seed=r)
         pi = np.full(len(df), design.labelled.mean())

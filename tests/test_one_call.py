@@ -76,8 +76,9 @@ def test_one_call_refuses_a_model_without_lora():
     import transformers as tf
     from conftest import VOCAB
 
-    base = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
-                                                          num_attention_heads=2, intermediate_size=32))
+    cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
+    base = tf.BertForSequenceClassification(cfg)
     with pytest.raises(ValueError, match="LoRA"):
         call(frame(), model=base)
 

@@ -24,5 +24,6 @@ from .result import RegressionResult, compare, forest_plot
 from .structural import fit_joint_lora, joint_lora_model
 
 __all__ = ["METHODS", "CrossFitCoding", "Design", "FineTune", "RegressionResult", "build_design",
-           "code_crossfit", "compare", "completion_model", "continuous_model", "crossfit", "efficiency_bound", "fit_completion", "fit_dr", "fit_joint_lora",
+           "code_crossfit", "compare", "completion_model", "continuous_model", "crossfit", "efficiency_bound",
+           "fit_completion", "fit_dr", "fit_joint_lora",
            "fold_ids", "forest_plot", "joint_lora_model", "llm_outputs", "regress"]

@@ -63,7 +63,8 @@ def _cluster(df: pd.DataFrame, cluster) -> np.ndarray | None:
         raise ValueError(f"cluster= must give a cluster for every row ({len(df)}), with no missing values")
     codes = pd.factorize(values)[0]
     if codes.max() + 1 < 2:
-        raise ValueError("cluster= puts every row in one cluster; clustered standard errors need many clusters")
+        raise ValueError("cluster= puts every row in one cluster; clustered standard errors need many "
+                         "clusters")
     if codes.max() + 1 < 30:
         warnings.warn(f"only {codes.max() + 1} clusters: clustered standard errors are unreliable with "
                       "fewer than ~30-50 clusters", stacklevel=3)
@@ -228,6 +229,7 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
     coord = None
     if tune_for is not None:
         if tune_for not in design.coef_names:
-            raise ValueError(f"tune_for={tune_for!r} is not a coefficient; they are {list(design.coef_names)}")
+            raise ValueError(f"tune_for={tune_for!r} is not a coefficient; they are "
+                             f"{list(design.coef_names)}")
         coord = design.coef_names.index(tune_for)
     return run_baseline(design, out, method, family=family, coord=coord, **common)

@@ -186,7 +186,8 @@ def crossfit_completion(F: np.ndarray, z: np.ndarray, labelled: np.ndarray, *, n
     ``labelled``; ``weights`` optional per-row weights of the labelled rows' fit (e.g. 1/π so
     that the fit targets the corpus). ``crossfit=False`` fits once on all labelled rows and
     applies it everywhere (for tests of the algebra only: the correction term is then not free
-    of the rows' own labels). ``groups``: cluster codes; folds then hold whole clusters. Also returns, in ``info``, the held-out log-loss of the labelled
+    of the rows' own labels). ``groups``: cluster codes; folds then hold whole clusters. Also
+    returns, in ``info``, the held-out log-loss of the labelled
     rows (their cross-fitted probabilities) and that of the marginal class frequencies."""
     labelled = np.asarray(labelled, bool)
     n_lab = int(labelled.sum())

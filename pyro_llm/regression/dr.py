@@ -36,7 +36,8 @@ import numpy as np
 from .calibration import Completion, hermite_nodes
 from .design import Design, build_design
 
-__all__ = ["DRFit", "bootstrap_draws", "combine_splits", "dr_solve", "efficiency_bound", "fit_dr", "labelling_probabilities", "node_design"]
+__all__ = ["DRFit", "bootstrap_draws", "combine_splits", "dr_solve", "efficiency_bound", "fit_dr",
+           "labelling_probabilities", "node_design"]
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,13 @@ def _psi_and_curv(X, y, theta, family):
     return X * (y - mu)[..., None], mu * (1 - mu)
 
 
-def _solve(X, y, w, family, theta0=None, max_iter=50):
+def _solve(X, y, w, family, max_iter=50):
     """θ solving Σ w ψ = 0 (weights may be negative) and the Jacobian H = Σ w v x xᵀ."""
     p = X.shape[-1]
     Xf, yf, wf = X.reshape(-1, p), y.reshape(-1), w.reshape(-1)
     keep = wf != 0
     Xf, yf, wf = Xf[keep], yf[keep], wf[keep]
-    theta = np.zeros(p) if theta0 is None else theta0.copy()
+    theta = np.zeros(p)
     for _ in range(1 if family == "gaussian" else max_iter):
         psi, v = _psi_and_curv(Xf, yf, theta, family)
         H = Xf.T @ ((wf * v)[:, None] * Xf)
@@ -292,7 +293,7 @@ def fit_dr(design: Design, *, scores: np.ndarray | None, labels: np.ndarray | No
     z = np.where(design.labelled, design.z, 0.0) if continuous else design.z_filled
     comps, fits, draws = [], [], []
     rng = np.random.default_rng(seed)
-    for s in range(splits if crossfit else 1):
+    for _ in range(splits if crossfit else 1):
         comp = crossfit_completion(F, z, design.labelled, num_classes=max(design.num_classes, 1),
                                    continuous=continuous, folds=folds, splits=1, prior_sd=prior_sd,
                                    weights=1 / pi, seed=int(rng.integers(2 ** 31)), crossfit=crossfit,

@@ -67,7 +67,7 @@ def _looks_like_probs(arr: np.ndarray) -> bool:
     return bool((arr >= 0).all() and (arr <= 1).all())
 
 
-def _as_probs(arr: np.ndarray, stated: bool) -> np.ndarray:
+def _as_probs(arr: np.ndarray) -> np.ndarray:
     """Rows of probabilities, renormalised within :data:`RENORM_TOL` (a warning past
     :data:`EXACT_TOL`); anything else is rejected with the row that fails."""
     if not _looks_like_probs(arr):
@@ -151,7 +151,7 @@ def llm_outputs(predictions, design: Design, predictions_kind: str = "auto",
     if arr.shape[-1] != k:
         raise ValueError(f"predictions have {arr.shape[-1]} columns but {design.label!r} has {k} classes "
                          f"{list(design.classes)}")
-    probs = _as_probs(arr, True) if kind == "probs" else np.exp(arr - np.logaddexp.reduce(arr, -1, keepdims=True))
+    probs = _as_probs(arr) if kind == "probs" else np.exp(arr - np.logaddexp.reduce(arr, -1, keepdims=True))
     draws = spread = None
     if arr.ndim == 3:
         draws = probs
@@ -176,7 +176,8 @@ def insample_check(out: LLMOutputs, labelled: np.ndarray, alpha: float = 1e-4) -
     if p < alpha:
         warnings.warn(
             f"the LLM is more confident on the labelled rows (median top probability "
-            f"{np.median(conf[labelled]):.3f}) than on the unlabelled rows ({np.median(conf[~labelled]):.3f}; "
+            f"{np.median(conf[labelled]):.3f}) than on the unlabelled rows "
+            f"({np.median(conf[~labelled]):.3f}; "
             f"p = {p:.1e}): the predictions look like those of a model fine-tuned on these labels. Every "
             "estimator that learns the coding errors from the labelled rows is then misled - code each "
             "row with a model that did not see it (regress(model=..., folds=5), or crossfit())",

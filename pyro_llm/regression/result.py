@@ -39,7 +39,8 @@ class RegressionResult:
         if not 0 < self.level < 1:
             raise ValueError(f"level must be in (0, 1), got {self.level}")
         if self.interval_kind not in ("auto", "normal", "quantile"):
-            raise ValueError(f"interval_kind must be 'auto', 'normal' or 'quantile', got {self.interval_kind!r}")
+            raise ValueError("interval_kind must be 'auto', 'normal' or 'quantile', got "
+                             f"{self.interval_kind!r}")
         if self.interval_kind == "quantile" and self.draws is None:
             raise ValueError("interval_kind='quantile' needs draws")
 
@@ -72,7 +73,8 @@ class RegressionResult:
         return np.array([math.erfc(abs(v) / math.sqrt(2)) for v in self.z])
 
     def __getitem__(self, name: str) -> dict:
-        """``result["stance"]`` -> {"mean", "median", "sd", "z", "p", "lower", "upper"} for one coefficient."""
+        """``result["stance"]`` -> {"mean", "median", "sd", "z", "p", "lower", "upper"} for one
+        coefficient."""
         if name not in self.coef_names:
             raise KeyError(f"no coefficient {name!r}; the coefficients are {list(self.coef_names)}")
         i = self.coef_names.index(name)
@@ -109,7 +111,8 @@ class RegressionResult:
         if "lam" in info:
             lines.append(f"  PPI++ power-tuning lambda = {info['lam']:.3f}")
         if "completion_log_loss" in info:
-            lines.append(f"  completion model, held-out labelled rows: log-loss {info['completion_log_loss']:.4f} "
+            lines.append("  completion model, held-out labelled rows: log-loss "
+                         f"{info['completion_log_loss']:.4f} "
                          f"(class frequencies alone {info['marginal_log_loss']:.4f}), "
                          f"Brier {info['completion_brier']:.4f}")
         if "completion_r2" in info:
