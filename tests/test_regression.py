@@ -274,6 +274,7 @@ def test_crossfit_predicts_every_row_with_a_model_that_did_not_see_it():
     (None, {"method": "joint_dr"}, r"replaced by method='dr'"),
     (None, {"method": "ptd", "cluster": "region"}, r"method='dr' only"),
     (None, {"interval": "hpd"}, "interval must be one of"),
+    (None, {"interval": "bootstrap", "num_draws": 0}, "needs num_draws > 0"),
     (None, {"prob": np.full(800, 1.5)}, r"must lie in \(0, 1\]"),
 ])
 def test_bad_input_is_a_clear_error(change, kwargs, match):

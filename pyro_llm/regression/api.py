@@ -215,7 +215,8 @@ def regress(df: pd.DataFrame, formula: str, *, label: str, role: str = "covariat
         info["insample_p"] = insample_check(out, design.labelled)
     common = {"level": level, "info": info}
     if method == "dr" or method == "joint":
-        dr = run_dr(design, out, pi=pi, family=family, cluster=clusters, interval=interval,
+        dr = run_dr(design, out, pi=pi, family=family, cluster=clusters,
+                    interval=interval if method == "dr" else "sandwich",
                     num_draws=num_draws if method == "dr" else 0, folds=folds, splits=splits,
                     prior_sd=completion_prior, seed=seed, **common)
         if method == "dr":

@@ -35,9 +35,11 @@ HAUSMAN_ALPHA = 0.01
 
 def run_dr(design: Design, out: LLMOutputs, *, pi, family, cluster, level, interval, num_draws, folds,
            splits, prior_sd, seed, info) -> RegressionResult:
+    if interval == "bootstrap" and not num_draws:
+        raise ValueError("interval='bootstrap' needs num_draws > 0 (the Bayesian bootstrap draws)")
     fit, draws, _ = fit_dr(design, scores=out.scores, labels=out.labels, spread=out.spread, pi=pi,
                            family=family, cluster=cluster, folds=folds, splits=splits, prior_sd=prior_sd,
-                           num_draws=num_draws if (num_draws or interval == "bootstrap") else 0, seed=seed)
+                           num_draws=num_draws, seed=seed)
     info = dict(info, **fit.extra, interval=interval)
     return RegressionResult("dr", design.coef_names, fit.coef, fit.cov, level, draws, info,
                             interval_kind="quantile" if interval == "bootstrap" else "normal")
