@@ -144,14 +144,13 @@ def _degenerate(k: int, acc: float, majority: float, one_class: bool) -> str | N
     if one_class:
         what.append("predicts a single class for every row")
     if acc < majority + DEGENERATE_MARGIN:
-        what.append(f"its held-out accuracy {acc:.3f} is not above the majority-class rate "
-                    f"{majority:.3f} by {DEGENERATE_MARGIN}")
+        what.append(f"is not more accurate than the majority class by {DEGENERATE_MARGIN}")
     if not what:
         return None
-    return (f"code_crossfit: fold {k}'s coder " + " and ".join(what) + " (held-out accuracy "
-            f"{acc:.3f}, majority-class rate {majority:.3f}). The downstream estimate stays valid but "
-            "gains little from this coder; label more rows, train longer (FineTune(epochs=...)), or "
-            "try another learning rate (FineTune(lr=...))")
+    return (f"code_crossfit: fold {k}'s coder " + " and ".join(what) + f" (held-out accuracy {acc:.3f}, "
+            f"majority-class rate {majority:.3f}). The downstream estimate stays valid but gains little "
+            "from this coder; label more rows, train longer (FineTune(epochs=...)), or try another "
+            "learning rate (FineTune(lr=...))")
 
 
 # ---------------------------------------------------------------------------- main
