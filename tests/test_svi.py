@@ -104,6 +104,24 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         _fit(model2, loader, other, max_steps=4, checkpoint=str(tmp_path))
 
 
+def test_bad_loop_settings_fail_before_the_first_step(tmp_path):
+    """checkpoint_every=0 (was a ZeroDivisionError at the first checkpoint), num_particles=0 (was
+    "no parameters to fit") and a checkpoint path that is a regular file (was an error only after
+    all the training) are clear errors before any step runs (issue 14, items 12 and 14)."""
+    pm, lora, model, loader = _svi_problem()
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive number of steps, got 0"):
+        _fit(model, loader, lora, checkpoint=str(tmp_path / "ck"), checkpoint_every=0)
+    with pytest.raises(ValueError, match="num_particles must be a positive integer"):
+        _fit(model, loader, lora, num_particles=0)
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    start = pyro.get_param_store().get_state()
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        _fit(model, loader, lora, checkpoint=str(path))
+    assert path.read_text() == "not a directory"
+    assert pyro.get_param_store().get_state()["params"].keys() == start["params"].keys()
+
+
 def test_same_seed_same_fit_and_other_seed_differs():
     pm, lora, model, loader = _svi_problem()
     a = _fit(model, loader, lora, max_steps=6)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -190,6 +192,10 @@ def fit_svi(
     >>> len(res.losses)
     8
     """
+    if (isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral)
+            or num_particles < 1):
+        raise ValueError(f"num_particles must be a positive integer (draws per ELBO estimate), "
+                         f"got {num_particles!r}")
     loss = Trace_ELBO(num_particles=num_particles) if elbo is None else elbo
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -273,6 +279,12 @@ def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral)
+            or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every!r}")
+    if checkpoint and os.path.exists(checkpoint) and not os.path.isdir(checkpoint):
+        raise ValueError(f"checkpoint={str(checkpoint)!r} is a file, not a directory: pass a directory "
+                         "(it is created if missing) for the fit state")
     n_batches = len(data) if hasattr(data, "__len__") else None
     if n_batches == 0:
         raise ValueError("the data has no batches: the dataset is empty")
