@@ -432,7 +432,7 @@ def _defaults(fit: Callable) -> dict:
 def _train_step(params: list, loss_fn: Callable, batches: list[dict], lr: float,
                 weight_decay: float = 0.0, clip_norm: float | None = None) -> Callable:
     """One optimisation step per call, on the next batch: the loop body of ``fit_svi`` and
-    ``fit_map`` (``pyro_llm.infer.svi._run``)."""
+    ``fit_map`` (``pyro_llm.infer.svi.train_loop``)."""
     import itertools
 
     import torch

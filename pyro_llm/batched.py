@@ -129,7 +129,7 @@ def _tile(x, n: int, s: int):
     return x
 
 
-def _rows(x, n: int, idx: torch.Tensor):
+def select_rows(x, n: int, idx: torch.Tensor):
     if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
         return x[idx.to(x.device)]
     return x

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .lora import _lora_layers, find_lora_parameters
+from .lora import find_lora_parameters, lora_layers
 from .metrics import stable_rank
 
 __all__ = ["adapter_stable_ranks", "lora_deltas"]
@@ -47,7 +47,7 @@ def lora_deltas(
     params = dict(peft_model.named_parameters())
     weights = {} if weights is None else weights
     out = {}
-    for mod_name, module in _lora_layers(peft_model):
+    for mod_name, module in lora_layers(peft_model):
         a_name = next((n for n in names if n.startswith(mod_name + ".lora_A.")), None)
         if a_name is None:
             continue

@@ -45,7 +45,7 @@ from .priors import AdapterPrior, as_prior, select
 __all__ = ["BayesianLoRA", "find_lora_parameters"]
 
 
-def _lora_layers(model: torch.nn.Module):
+def lora_layers(model: torch.nn.Module):
     from peft.tuners.lora import LoraLayer
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
@@ -72,7 +72,7 @@ def find_lora_parameters(model: torch.nn.Module, adapter_name: str | None = None
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module adapted by peft, got {type(model).__name__}")
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no LoRA layers; adapt it first, e.g. "
@@ -287,7 +287,7 @@ class BayesianLoRA(PyroModule):
             )
         weights = self.adapter_weights()
         sample_shape = self._sample_shape(weights)
-        with _train_mode(self._peft_model, self.dropout):
+        with train_mode(self._peft_model, self.dropout):
             return _batched.run(self._peft_model, self.plan, weights, sample_shape, args, kwargs,
                                 random=self.random_names,
                                 share_prefix=self.share_prefix and not self.dropout,
@@ -333,7 +333,7 @@ class BayesianLoRA(PyroModule):
 
 
 @contextlib.contextmanager
-def _train_mode(model: torch.nn.Module, mode: bool):
+def train_mode(model: torch.nn.Module, mode: bool):
     # restore every module's own flag: peft leaves models in mixed modes (its new LoRA
     # modules in train mode, a base model put in eval mode before wrapping stays so)
     before = [(m, m.training) for m in model.modules()]

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .lora import _lora_layers, find_lora_parameters
+from .lora import find_lora_parameters, lora_layers
 
 __all__ = ["PolarAdapter", "PolarOptimizer", "landing_bound", "landing_field",
            "orthogonality_error", "orthonormal", "polar_optimizer", "qr_retraction",
@@ -149,7 +149,7 @@ class PolarAdapter(torch.nn.Module):
         names = find_lora_parameters(peft_model, adapter_name)
         object.__setattr__(self, "_peft_model", peft_model)  # not a submodule
         adapter = names[0].split(".")[-2]
-        layers = dict(_lora_layers(peft_model))
+        layers = dict(lora_layers(peft_model))
         params = dict(peft_model.named_parameters())
         self.adapter_name = adapter
         self.layer_names = [n[: -len(f".lora_A.{adapter}.weight")] for n in names[::2]]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .lora import _train_mode
+from .lora import train_mode
 from .posterior import Posterior, predict_probs
 
 __all__ = ["map_predictor", "posterior_predictor", "method_predictor"]
@@ -65,7 +65,7 @@ def map_predictor(model: torch.nn.Module, tokenizer, *, max_length: int = 128,
 
     @torch.no_grad()
     def predict(texts):
-        with _train_mode(model, False):
+        with train_mode(model, False):
             return logits_fn(model, _tokenize(tokenizer, texts, max_length, device)).float().softmax(-1)
 
     own = {n: p for n, p in model.named_parameters()

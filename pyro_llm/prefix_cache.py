@@ -189,7 +189,7 @@ class PrefixCache:
     # ------------------------------------------------------------------ lookup
     def lookup(self, model, plan, k: int, weights: dict, args, kwargs, n: int) -> torch.Tensor:
         """The prefix output (block k's input) for this batch: cached rows, the rest computed."""
-        from .batched import _rows, prefix_hidden
+        from .batched import prefix_hidden, select_rows
 
         fp = self.fingerprint(model, plan, k, weights)
         if fp != self._fingerprint:
@@ -204,8 +204,8 @@ class PrefixCache:
         fresh = None
         if miss:
             idx = torch.as_tensor(miss)
-            sub_args = tuple(_rows(a, n, idx) for a in args)
-            sub_kwargs = {key: _rows(v, n, idx) for key, v in kwargs.items()}
+            sub_args = tuple(select_rows(a, n, idx) for a in args)
+            sub_kwargs = {key: select_rows(v, n, idx) for key, v in kwargs.items()}
             fresh = prefix_hidden(model, plan, k, weights, sub_args, sub_kwargs)
             if not self._described:
                 self._describe(plan, k, fresh)

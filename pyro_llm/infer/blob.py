@@ -64,10 +64,10 @@ from pyro.nn import PyroModule
 
 from ..lora import BayesianLoRA
 from ..posterior import GuidePosterior, predict_probs
-from .checkpoint import _META
+from .checkpoint import STATE_FILE
 from .flipout import flipout_forward
 from .laplace.capture import default_labels, default_logits
-from .svi import EarlyStopping, FitResult, _run
+from .svi import EarlyStopping, FitResult, train_loop
 
 __all__ = ["BLoBGuide", "BLoBResult", "fit_blob", "kl_weights", "flipout_forward"]
 
@@ -362,7 +362,7 @@ def _step_weights(data, kl_schedule, kl_scale: float) -> list[float]:
 
 
 def _resumed_step(checkpoint) -> int:
-    meta = Path(checkpoint) / _META if checkpoint else None
+    meta = Path(checkpoint) / STATE_FILE if checkpoint else None
     return int(json.loads(meta.read_text())["step"]) if meta and meta.exists() else 0
 
 
@@ -454,7 +454,7 @@ def fit_blob(
         used.append(w)
         return obj.loss(batch, w)
 
-    fit = _run("blob", step, params, data, guide=guide, epochs=epochs, max_steps=max_steps, lr=lr,
+    fit = train_loop("blob", step, params, data, guide=guide, epochs=epochs, max_steps=max_steps, lr=lr,
                weight_decay=0.0, clip_norm=None, checkpoint=checkpoint,
                checkpoint_every=checkpoint_every, early_stopping=early_stopping, progress=progress,
                seed=seed)

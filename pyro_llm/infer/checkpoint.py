@@ -14,7 +14,7 @@ from .._io import save_safetensors, write_json
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
 _TENSORS = "state.safetensors"
-_META = "state.json"
+STATE_FILE = "state.json"
 
 
 def save_checkpoint(
@@ -42,7 +42,7 @@ def save_checkpoint(
     tensors["rng/torch"] = torch.get_rng_state()
     meta = dict(meta, optim_scalars=scalars, param_names=names)
     save_safetensors(d / _TENSORS, tensors)
-    write_json(d / _META, meta, indent=None)
+    write_json(d / STATE_FILE, meta, indent=None)
 
 
 def load_checkpoint(
@@ -52,9 +52,9 @@ def load_checkpoint(
 ) -> dict | None:
     """Restore into ``params`` and ``optimizer`` in place; return the saved meta, or ``None``."""
     d = Path(directory)
-    if not (d / _META).exists() or not (d / _TENSORS).exists():
+    if not (d / STATE_FILE).exists() or not (d / _TENSORS).exists():
         return None
-    meta = json.loads((d / _META).read_text())
+    meta = json.loads((d / STATE_FILE).read_text())
     tensors = load_file(str(d / _TENSORS))
     missing = [n for n in meta["param_names"] if n not in params]
     extra = [n for n in params if n not in meta["param_names"]]

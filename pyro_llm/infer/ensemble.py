@@ -31,20 +31,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
+from .._io import write_json
 from ..posterior import Draw, Posterior, predict_probs
 from . import svi
 from .ensemble_io import (
-    _INFO,
-    _VERSION,
-    _check_names,
-    _check_or_write_settings,
-    _describe,
-    _full_seeds,
-    _load_member,
-    _member_file,
-    _remove_checkpoint,
-    _save_member,
-    _write_json,
+    ENSEMBLE_INFO,
+    ENSEMBLE_VERSION,
+    check_names,
+    check_or_write_settings,
+    describe,
+    full_seeds,
+    load_member,
+    member_file,
+    remove_checkpoint,
+    save_member,
 )
 from .laplace.capture import default_logits
 
@@ -196,10 +196,10 @@ class EnsemblePosterior(Posterior):
         first = self._peft[0]
         settings = {"names": list(first), "shapes": [list(v.shape) for v in first.values()],
                     "num_members": max(self.indices) + 1,
-                    "seeds": _full_seeds(self.indices, self.seeds, max(self.indices) + 1)}
-        _write_json(path / _INFO, {"version": _VERSION, **settings})
+                    "seeds": full_seeds(self.indices, self.seeds, max(self.indices) + 1)}
+        write_json(path / ENSEMBLE_INFO, {"version": ENSEMBLE_VERSION, **settings})
         for k, seed, m, info in zip(self.indices, self.seeds, self._peft, self.info, strict=True):
-            _save_member(path, k, m, {**info, "seed": seed})
+            save_member(path, k, m, {**info, "seed": seed})
         return path
 
 
@@ -212,20 +212,20 @@ def load_ensemble(path, peft_model: torch.nn.Module | None = None, *, lora=None)
     tensors and the members follow its device and dtype.
     """
     path = Path(path)
-    if not (path / _INFO).exists():
-        raise FileNotFoundError(f"{path} holds no {_INFO}: not an ensemble folder (fit_ensemble's "
+    if not (path / ENSEMBLE_INFO).exists():
+        raise FileNotFoundError(f"{path} holds no {ENSEMBLE_INFO}: not an ensemble folder (fit_ensemble's "
                                 "out_dir or EnsemblePosterior.save)")
-    meta = json.loads((path / _INFO).read_text())
+    meta = json.loads((path / ENSEMBLE_INFO).read_text())
     files = sorted(path.glob("member_*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no member_*.safetensors: no member has finished yet")
     model = lora.peft_model if lora is not None and peft_model is None else peft_model
     if model is not None:
-        _check_names(model, meta, path)
+        check_names(model, meta, path)
     like = {n: (model.get_parameter(n) if model is not None else None) for n in meta["names"]}
     members, seeds, indices, info = [], [], [], []
     for f in files:
-        m, extra = _load_member(f, like)
+        m, extra = load_member(f, like)
         members.append(m)
         indices.append(int(f.stem.split("_")[1]))
         seeds.append(extra.get("seed"))
@@ -295,17 +295,17 @@ def fit_ensemble(peft_model: torch.nn.Module, data: Iterable, num_members: int =
     settings = {"names": list(params), "shapes": [list(p.shape) for p in params.values()],
                 "dtypes": [str(p.dtype).removeprefix("torch.") for p in params.values()],
                 "num_members": num_members, "seeds": seeds, "reinitialised": reinit, "kept": kept,
-                "fit": _describe(dict(loss=loss, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                "fit": describe(dict(loss=loss, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                       num_batches=len(data) if hasattr(data, "__len__") else None,
                                       **fit_kwargs))}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        _check_or_write_settings(out, settings)
+        check_or_write_settings(out, settings)
     fitted, info = [], []
     with _restored(peft_model, list(params)) as before:
         for k in tqdm(todo, disable=not progress, desc="ensemble", leave=False):
-            if out is not None and (out / _member_file(k)).exists():
-                member, rec = _load_member(out / _member_file(k), params)
+            if out is not None and (out / member_file(k)).exists():
+                member, rec = load_member(out / member_file(k), params)
                 fitted.append(member)
                 info.append({**rec, "resumed": True})
                 continue
@@ -319,8 +319,8 @@ def fit_ensemble(peft_model: torch.nn.Module, data: Iterable, num_members: int =
             rec = {"seed": seeds[k], "steps": res.steps, "fit_seconds": time.perf_counter() - t0,
                    "final_loss": res.losses[-1] if res.losses else None, "losses": list(res.losses)}
             if out is not None:
-                _save_member(out, k, member, rec)
-                _remove_checkpoint(ckpt)
+                save_member(out, k, member, rec)
+                remove_checkpoint(ckpt)
             fitted.append(member)
             info.append(rec)
     return EnsemblePosterior(fitted, peft_model=peft_model, seeds=[seeds[k] for k in todo],

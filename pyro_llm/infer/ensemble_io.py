@@ -13,20 +13,20 @@ import torch
 from .._io import save_safetensors
 from .._io import write_json as _write_json
 
-_INFO = "ensemble.json"
-_VERSION = 1
+ENSEMBLE_INFO = "ensemble.json"
+ENSEMBLE_VERSION = 1
 
 
-def _member_file(k: int) -> str:
+def member_file(k: int) -> str:
     return f"member_{k:03d}.safetensors"
 
 
-def _describe(v):
+def describe(v):
     """A JSON-able record of a setting: plain values as they are, callables by qualified name."""
     if isinstance(v, Mapping):
-        return {str(k): _describe(x) for k, x in v.items()}
+        return {str(k): describe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_describe(x) for x in v]
+        return [describe(x) for x in v]
     if v is None or isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, float):
@@ -36,9 +36,9 @@ def _describe(v):
     return type(v).__name__
 
 
-def _check_or_write_settings(out: Path, settings: dict) -> None:
+def check_or_write_settings(out: Path, settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    f = out / _INFO
+    f = out / ENSEMBLE_INFO
     if f.exists():
         saved, now = _flat(json.loads(f.read_text())), _flat(settings)
         diff = [k for k in now if saved.get(k) != now[k]]
@@ -48,7 +48,7 @@ def _check_or_write_settings(out: Path, settings: dict) -> None:
                              f"{saved.get(k)!r}, now {now[k]!r} (differing: {diff}); use a fresh "
                              "out_dir or the same settings")
         return
-    _write_json(f, {"version": _VERSION, **settings})
+    _write_json(f, {"version": ENSEMBLE_VERSION, **settings})
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict:
@@ -58,12 +58,12 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _save_member(out: Path, k: int, member: Mapping[str, torch.Tensor], info: dict) -> None:
+def save_member(out: Path, k: int, member: Mapping[str, torch.Tensor], info: dict) -> None:
     tensors = {n: v.detach().cpu().contiguous() for n, v in member.items()}
-    save_safetensors(out / _member_file(k), tensors, metadata={"info": json.dumps(_describe(info))})
+    save_safetensors(out / member_file(k), tensors, metadata={"info": json.dumps(describe(info))})
 
 
-def _load_member(f: Path, params: Mapping[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor], dict]:
+def load_member(f: Path, params: Mapping[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
     with safe_open(str(f), framework="pt") as fh:
@@ -73,7 +73,7 @@ def _load_member(f: Path, params: Mapping[str, torch.Tensor | None]) -> tuple[di
     return member, info
 
 
-def _remove_checkpoint(ckpt: str) -> None:
+def remove_checkpoint(ckpt: str) -> None:
     d = Path(ckpt)
     for f in d.glob("*"):
         f.unlink()
@@ -81,14 +81,14 @@ def _remove_checkpoint(ckpt: str) -> None:
         d.rmdir()
 
 
-def _full_seeds(indices, seeds, n) -> list:
+def full_seeds(indices, seeds, n) -> list:
     out = [None] * n
     for k, s in zip(indices, seeds, strict=True):
         out[k] = s
     return out
 
 
-def _check_names(model, meta, path) -> None:
+def check_names(model, meta, path) -> None:
     params = dict(model.named_parameters())
     for n, shape in zip(meta["names"], meta["shapes"], strict=True):
         if n not in params:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lora import _train_mode
+from ..lora import train_mode
 
 __all__ = ["flipout_forward"]
 
@@ -53,7 +53,7 @@ def flipout_forward(peft_model: torch.nn.Module, weights: dict[str, torch.Tensor
                 raise ValueError(f"flipout needs Linear weights; {name!r} belongs to a "
                                  f"{type(module).__name__}: pass flipout=False")
             hooks.append(module.register_forward_hook(_flip_hook(dw)))
-        with _train_mode(peft_model, dropout):
+        with train_mode(peft_model, dropout):
             return torch.func.functional_call(peft_model, weights, tuple(args), kwargs or {})
     finally:
         for h in hooks:

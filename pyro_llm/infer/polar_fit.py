@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterable
 import pyro
 import torch
 
-from ..lora import _train_mode
+from ..lora import train_mode
 from ..polar import PolarAdapter, polar_optimizer
-from .svi import _hf_loss, _run
+from .svi import hf_loss, train_loop
 
 __all__ = ["fit_polar"]
 
@@ -42,12 +42,12 @@ def fit_polar(adapter: PolarAdapter, data: Iterable, *,
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if seed is not None:
         pyro.set_rng_seed(seed)
-    loss_fn = loss or _hf_loss
+    loss_fn = loss or hf_loss
     opt = polar_optimizer(adapter, lr, method, lam=lam, weight_decay=weight_decay, **optim_kw)
     params = {f"polar/{k}": t for k, t in adapter.named_polar_tensors().items()}
     params.update({f"extra/{n}": adapter.peft_model.get_parameter(n) for n in adapter.extra_names})
-    with _train_mode(adapter.peft_model, True):
-        fit = _run("polar", lambda batch: loss_fn(adapter, batch), params, data, guide=None,
+    with train_mode(adapter.peft_model, True):
+        fit = train_loop("polar", lambda batch: loss_fn(adapter, batch), params, data, guide=None,
                    epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay,
                    clip_norm=clip_norm, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                    early_stopping=None, progress=progress, seed=seed, optim=opt)

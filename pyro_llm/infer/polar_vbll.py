@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..lora import _train_mode
+from ..lora import train_mode
 from ..polar import PolarOptimizer
 from ..posterior import Draw, Posterior
 from ..vbll import VBLLClassification, load_head, save_head
@@ -106,7 +106,7 @@ class PolarVBLL(Posterior):
 
     def _feature_batches(self, data, progress):
         total = len(data) if hasattr(data, "__len__") else None
-        with _train_mode(_backbone(self.adapter), self.dropout), torch.no_grad():
+        with train_mode(_backbone(self.adapter), self.dropout), torch.no_grad():
             for batch in tqdm(data, total=total, disable=not progress, desc="predict", leave=False):
                 yield _features(self.features_fn, self.adapter, batch, self.head.in_features)
 
@@ -259,7 +259,7 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
     if first is None:
         raise ValueError("the data yielded no batch: the dataset is empty")
     n = num_data or _count(data, labels_fn)
-    with torch.no_grad(), _train_mode(_backbone(adapter), dropout):
+    with torch.no_grad(), train_mode(_backbone(adapter), dropout):
         f0 = _features(features_fn, adapter, first)
     scale = 1.0
     if normalize_features:
@@ -275,7 +275,7 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
     t0 = time.perf_counter()
     total = epochs * len(data) if hasattr(data, "__len__") else None
     bar = tqdm(total=total, disable=not progress, desc="fit polar-vbll", leave=False)
-    with _train_mode(_backbone(adapter), dropout), contextlib.closing(bar):
+    with train_mode(_backbone(adapter), dropout), contextlib.closing(bar):
         for _ in range(epochs):
             if alternate == "epoch":
                 fitter.head_block(data)

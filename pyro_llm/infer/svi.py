@@ -209,7 +209,7 @@ def fit_svi(
     def step(batch):
         return call_with_batch(lambda *a, **k: loss.differentiable_loss(model, guide, *a, **k), batch)
 
-    return _run(
+    return train_loop(
         "svi", step, params, data, guide=guide, epochs=epochs, max_steps=max_steps, lr=lr,
         weight_decay=0.0, clip_norm=clip_norm, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, early_stopping=early_stopping, progress=progress,
@@ -217,7 +217,7 @@ def fit_svi(
     )
 
 
-def _hf_loss(model, batch):
+def hf_loss(model, batch):
     if not isinstance(batch, Mapping) or "labels" not in batch:
         raise ValueError("fit_map's default loss needs dict batches with a 'labels' entry; "
                          "pass loss=lambda model, batch: ... for other data")
@@ -253,12 +253,12 @@ def fit_map(
     if not params:
         raise ValueError(f"{type(peft_model).__name__} has no trainable parameters; "
                          "is it a peft model with a LoRA adapter?")
-    loss_fn = loss or _hf_loss
+    loss_fn = loss or hf_loss
     _first_batch(data)
     was_training = peft_model.training
     peft_model.train()
     try:
-        return _run(
+        return train_loop(
             "map", lambda batch: loss_fn(peft_model, batch), params, data, guide=None,
             epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay,
             clip_norm=clip_norm, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
@@ -268,7 +268,7 @@ def fit_map(
         peft_model.train(was_training)
 
 
-def _run(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_decay,
+def train_loop(method, step_fn, params, data, *, guide, epochs, max_steps, lr, weight_decay,
          clip_norm, checkpoint, checkpoint_every, early_stopping, progress, seed,
          optim: torch.optim.Optimizer | None = None) -> FitResult:
     """The training loop every fit shares; ``optim`` over ``params`` (default: AdamW).

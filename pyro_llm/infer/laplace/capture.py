@@ -165,7 +165,7 @@ class tapped:
         self.model, self.names = model, param_names
 
     def __enter__(self) -> LayerTap:
-        from ...lora import _train_mode
+        from ...lora import train_mode
 
         tap = LayerTap(self.model, self.names)  # checks the names before anything is changed
         params = dict(self.model.named_parameters(remove_duplicate=False))  # one walk, not one per name
@@ -173,7 +173,7 @@ class tapped:
         if missing:
             raise ValueError(f"the model has no parameters {missing[:3]}; pass names from "
                              "model.named_parameters()")
-        self._mode = _train_mode(self.model, False)
+        self._mode = train_mode(self.model, False)
         self._mode.__enter__()
         self._grad = {n: params[n] for n in self.names}
         self._flags = {n: p.requires_grad for n, p in self._grad.items()}
