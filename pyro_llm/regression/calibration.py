@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .crossfit import assign_folds
+
 __all__ = ["Completion", "crossfit_completion", "features", "fit_gaussian", "fit_multinomial",
            "fold_split", "hermite_nodes", "spline_basis"]
 
@@ -168,11 +170,7 @@ def fold_split(labelled: np.ndarray, folds: int, rng, groups: np.ndarray | None 
     if groups is not None:
         codes, inv = np.unique(groups, return_inverse=True)
         return rng.permutation(np.arange(len(codes)) % folds)[inv]
-    n = int(labelled.sum())
-    ids = np.empty(len(labelled), dtype=int)
-    ids[labelled] = rng.permutation(np.arange(n) % folds)
-    ids[~labelled] = rng.integers(folds, size=int((~labelled).sum()))
-    return ids
+    return assign_folds(labelled, folds, rng)
 
 
 def crossfit_completion(F: np.ndarray, z: np.ndarray, labelled: np.ndarray, *, num_classes: int,

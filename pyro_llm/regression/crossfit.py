@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["crossfit", "fold_ids"]
+__all__ = ["assign_folds", "crossfit", "fold_ids"]
 
 
 def fold_ids(labelled: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -29,9 +29,13 @@ def fold_ids(labelled: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
     if n < folds:
         raise ValueError(f"{n} labelled rows cannot be split into {folds} folds; label more rows or "
                          "use fewer folds")
-    rng = np.random.default_rng(seed)
+    return assign_folds(labelled, folds, np.random.default_rng(seed))
+
+
+def assign_folds(labelled: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """The draw behind :func:`fold_ids` from a given generator (no input checks)."""
     ids = np.empty(len(labelled), dtype=int)
-    ids[labelled] = rng.permutation(np.arange(n) % folds)
+    ids[labelled] = rng.permutation(np.arange(int(labelled.sum())) % folds)
     ids[~labelled] = rng.integers(folds, size=int((~labelled).sum()))
     return ids
 

@@ -18,7 +18,7 @@ import torch
 from .completion import as_measurement, fit_completion
 from .design import Design
 
-__all__ = ["completion_expectations", "joint_draws", "weighted_fit"]
+__all__ = ["joint_draws", "weighted_fit"]
 
 
 def weighted_fit(X: np.ndarray, y: np.ndarray, w: np.ndarray, family: str = "gaussian",
@@ -128,21 +128,3 @@ def joint_draws(design: Design, m: torch.Tensor, *, measurement: str = "ordinal"
         w *= zs.shape[1] / w.sum(1, keepdims=True)
         draws.append(weighted_fit(design.X(zs), design.response(zs), w, family))
     return np.concatenate(draws), post, ess
-
-
-def completion_expectations(design: Design, m: torch.Tensor, *, measurement: str = "ordinal",
-                            dim: int | None = None, prior_scale: float = 5.0):
-    """Every row's expected design and response under the fitted completion model, ``E[X(z) | m, F]``
-    and ``E[y | m, F]``, computed as if the row were unlabelled (for the doubly robust estimator:
-    these are its "predictions", debiased on the labelled rows by :func:`~.estimators.ptd`)."""
-    if design.kind == "continuous":
-        raise ValueError("method='joint_dr' is implemented for a categorical label; use 'joint' or 'ptd'")
-    F = torch.as_tensor(design.F, dtype=torch.float64)
-    z = torch.tensor(design.z_filled)
-    post = fit_completion(F, m, z, torch.tensor(design.labelled), num_classes=design.num_classes,
-                          measurement=measurement, dim=dim, prior_scale=prior_scale)
-    m = as_measurement(m, measurement)
-    probs = post.class_log_probs(F, m, post.unpack(post.mode)).exp().numpy()       # (N, K)
-    Xh = np.einsum("nk,knp->np", probs, design.X_by_class)
-    yh = design.y if design.role == "covariate" else probs @ design.class_values
-    return Xh, yh
