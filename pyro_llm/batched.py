@@ -259,10 +259,10 @@ def _restore_forward(patched) -> None:
 
 
 @contextlib.contextmanager
-def _batched_layers(model, plan: Plan, weights: dict, batched: list[str], s: int):
-    """Adapted layers whose A or B carries S draws: peft's own LoRA path off, the per-draw
-    delta added by a forward hook with two batched matrix products."""
-    layers: dict[str, dict] = {}
+def _batched_layers(model, plan: Plan, weights: dict, batched: list[str], s: int, also=()):
+    """Adapted layers whose A or B carries S draws (and the LoRA modules ``also``): peft's own
+    LoRA path off, the per-draw delta added by a forward hook with two batched matrix products."""
+    layers: dict[str, dict] = {m: {} for m in also}
     linears: dict[str, dict] = {}
     for n in batched:
         if n in plan.layer_of:
@@ -294,10 +294,10 @@ def _batched_layers(model, plan: Plan, weights: dict, batched: list[str], s: int
                                         layer.lora_B[plan.adapter].weight))
             a = a.expand(s, *a.shape[-2:]) if a.dim() == 2 else a.reshape(s, *a.shape[-2:])
             b = b.expand(s, *b.shape[-2:]) if b.dim() == 2 else b.reshape(s, *b.shape[-2:])
-            if plan.adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "merged", False):
+            if plan.adapter in getattr(layer, "lora_variant", {}):
                 raise NotImplementedError(
                     f"{mod_name}: sample-batched draws support plain LoRA layers only (not DoRA or "
-                    "other variants, nor merged adapters)")
+                    "other variants)")
             hook = layer.register_forward_hook(
                 _delta_hook(a, b, layer.scaling[plan.adapter], layer.lora_dropout[plan.adapter], s))
             state.append((layer, layer._disable_adapters, hook))
@@ -340,6 +340,29 @@ def _delta_hook(a: torch.Tensor, b: torch.Tensor, scaling: float, dropout, s: in
     return hook
 
 
+def check_unmerged(model: torch.nn.Module, plan: Plan) -> None:
+    """Refuse LoRA layers whose adapter is merged into the base weight: injected draws would be
+    ignored (peft skips the LoRA path of a merged layer) or added twice."""
+    mods = plan.extra.get("lora_modules")
+    if mods is None:
+        from peft.tuners.lora import LoraLayer
+
+        mods = plan.extra["lora_modules"] = {
+            n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and plan.adapter in m.lora_A}
+    merged = [n for n, m in mods.items() if getattr(m, "merged", False)]
+    if merged:
+        raise ValueError(f"the LoRA adapter is merged into the base weights of {merged[:2]} "
+                         f"({len(merged)} layers): drawn adapters would be ignored; call "
+                         "peft_model.unmerge_adapter() first (or load the adapter unmerged)")
+
+
+def _own_path(model: torch.nn.Module, plan: Plan) -> bool:
+    """Whether peft's forward of every LoRA layer computes exactly ``plan.adapter``."""
+    check_unmerged(model, plan)
+    return all(not m.disable_adapters and list(m.active_adapters) == [plan.adapter]
+               for m in plan.extra["lora_modules"].values())
+
+
 def run(model: torch.nn.Module, plan: Plan, weights: dict[str, torch.Tensor], sample_shape: torch.Size,
         args: tuple, kwargs: dict, *, random: list[str] = (), share_prefix: bool = True, cache=None):
     """Run ``model`` under ``weights`` (peft name -> tensor); tensors with the leading
@@ -367,7 +390,10 @@ def run(model: torch.nn.Module, plan: Plan, weights: dict[str, torch.Tensor], sa
     if s == 1 and cache is None:
         k = 0  # one draw and nothing kept: the prefix would run once either way
     n = _batch_size(args, kwargs)
-    if k == 0 and not batched:
+    # peft's own path computes the active adapters; when that is not exactly plan.adapter
+    # (another adapter active, or adapters disabled) every layer takes the hook path instead
+    foreign = [] if _own_path(model, plan) else list(plan.extra["lora_modules"])
+    if k == 0 and not batched and not foreign:
         return torch.func.functional_call(model, plain, args, kwargs)
     stack = contextlib.ExitStack()
     with stack:
@@ -380,8 +406,8 @@ def run(model: torch.nn.Module, plan: Plan, weights: dict[str, torch.Tensor], sa
             stack.enter_context(_skip_prefix(plan, k, tiled))
             if s > 1:
                 stack.enter_context(_dedup_first_block(plan, k, tiled, n, s))
-        if batched:
-            stack.enter_context(_batched_layers(model, plan, weights, batched, s))
+        if batched or foreign:
+            stack.enter_context(_batched_layers(model, plan, weights, batched, s, also=foreign))
         t_args = tuple(_tile(a, n, s) for a in args)
         t_kwargs = {key: _tile(v, n, s) for key, v in kwargs.items()}
         out = torch.func.functional_call(model, plain, t_args, t_kwargs)

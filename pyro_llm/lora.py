@@ -193,6 +193,7 @@ class BayesianLoRA(PyroModule):
             setattr(self, h, PyroSample(d))
         for n in self.random_names:
             setattr(self, n, PyroSample(lambda mod, n=n: mod._prior_for(n)))
+        _batched.check_unmerged(peft_model, self.plan)
 
     @staticmethod
     def _predicate(sel) -> Callable[[str], bool]:

@@ -93,6 +93,60 @@ def test_second_adapter_by_name():
     assert lora.fixed_names == []  # the default adapter's tensors are not part of it
 
 
+def _two_adapters():
+    pm = mlp_peft()
+    pm.add_adapter("other", peft.LoraConfig(r=3, lora_alpha=3, target_modules=["0", "2"]))
+    with torch.no_grad():  # both adapters non-zero, so using the wrong one shows
+        for n, p in pm.named_parameters():
+            if ".lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.5)
+    return pm
+
+
+def _reference(pm, adapter, values):
+    """base + the chosen adapter's delta, by hand, from the values (peft names)."""
+    base = mlp_base()
+    x, out = X, None
+    for i in (0, 2):
+        lin = base[i]
+        a = values[f"base_model.model.{i}.lora_A.{adapter}.weight"]
+        b = values[f"base_model.model.{i}.lora_B.{adapter}.weight"]
+        scale = pm.base_model.model[i].scaling[adapter]
+        out = lin(x) + scale * (x @ a.T) @ b.T
+        x = torch.relu(out)
+    return out
+
+
+@pytest.mark.parametrize("active", ["default", "other"])
+@pytest.mark.parametrize("adapter", ["default", "other"])
+@pytest.mark.parametrize("sel", ["AB", "A", "B"])
+def test_single_and_stacked_paths_compute_the_chosen_adapter(active, adapter, sel):
+    pm = _two_adapters()
+    pm.set_adapter(active)
+    lora = BayesianLoRA(pm, prior=0.1, select=sel, adapter_name=adapter)
+    pyro.clear_param_store()
+    values = {n: p.detach().clone() for n, p in pm.named_parameters() if ".lora_" in n}
+    draw = {s: torch.randn_like(v) * 0.3 for s, v in lora.init_values().items()}
+    values.update({lora.peft_name(s): v for s, v in draw.items()})
+    expected = _reference(pm, adapter, values)
+    single = poutine.condition(lora, data=draw)(X)
+    stacked = poutine.condition(lora, data={s: torch.stack([v, v]) for s, v in draw.items()})(X)
+    torch.testing.assert_close(single, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stacked[1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_adapter_is_refused_at_construction_and_forward():
+    pm = _two_adapters()
+    lora = BayesianLoRA(pm, prior=0.1)
+    pm.merge_adapter()
+    with pytest.raises(ValueError, match="merged.*unmerge_adapter"):
+        lora(X)
+    with pytest.raises(ValueError, match="merged"):
+        BayesianLoRA(pm, prior=0.1)
+    pm.unmerge_adapter()
+    assert lora(X).shape == (5, 3)
+
+
 # ---------------------------------------------------------------- select and priors
 def _bert_names(pm, matrix=None, layer=None):
     out = _lora_names(pm)
