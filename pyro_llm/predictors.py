@@ -6,21 +6,29 @@ fixed once for the whole corpus, evaluated together by the sample-batched engine
 :func:`method_predictor` (a posterior's own ``predict``, e.g. an ensemble or a Laplace
 posterior). Each carries a ``fingerprint`` (a hash of the tensors it predicts with), which
 ``code_corpus`` records so that a resume with another model is refused.
+
+:func:`predictor_fingerprint` gives any other callable one: its qualified name and the tensors of
+the ``torch.nn.Module`` objects it is bound to (a bound method's object, a callable object's
+attributes, a closure's variables, ``functools.partial`` arguments, module-level names the
+function uses). Anything else it depends on (a tokenizer, a temperature in a global) is not
+seen, so such a fingerprint is a weaker check: pass ``fingerprint=`` to ``code_corpus`` instead.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from .lora import train_mode
 from .posterior import Posterior, predict_probs
 
-__all__ = ["map_predictor", "posterior_predictor", "method_predictor"]
+__all__ = ["map_predictor", "posterior_predictor", "method_predictor", "predictor_fingerprint",
+           "module_tensors", "posterior_tensors"]
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor], *extra) -> str:
@@ -30,6 +38,94 @@ def _fingerprint(tensors: dict[str, torch.Tensor], *extra) -> str:
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def module_tensors(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors that identify a model: its adapter or trainable ones (LoRA, ``modules_to_save``,
+    ``requires_grad``) where it has any, else every parameter and buffer (a frozen model)."""
+    own = {prefix + n: p for n, p in model.named_parameters()
+           if p.requires_grad or "lora_" in n or "modules_to_save" in n}
+    if own:
+        return own
+    return {prefix + n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def predictor_fingerprint(predict_fn: Callable, fingerprint: str | None = None) -> tuple[str, bool]:
+    """``(fingerprint, verified)`` of a corpus predictor: ``fingerprint`` when given, else the
+    predictor's own ``fingerprint`` attribute (``verified``), else a hash of its qualified name
+    and of the modules it is bound to (``verified`` is ``False``: state outside those modules is
+    not seen)."""
+    if fingerprint is not None:
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise TypeError(f"fingerprint must be a non-empty str naming the model, got {fingerprint!r}")
+        return fingerprint, True
+    own = getattr(predict_fn, "fingerprint", None)
+    if own is not None:
+        return str(own), True
+    tensors: dict[str, torch.Tensor] = {}
+    for i, m in enumerate(_bound_modules(predict_fn)):
+        tensors.update(module_tensors(m, f"{i}/{type(m).__name__}/"))
+    return "callable:" + _fingerprint(tensors, _qualname(predict_fn)), False
+
+
+def _qualname(fn) -> str:
+    if isinstance(fn, functools.partial):
+        return "partial:" + _qualname(fn.func)
+    f = fn.__func__ if hasattr(fn, "__func__") else fn
+    if not hasattr(f, "__qualname__"):
+        f = type(f)  # a callable object: its class
+    return f"{getattr(f, '__module__', '?')}.{f.__qualname__}"
+
+
+def _bound_modules(fn, depth: int = 3) -> list[torch.nn.Module]:
+    """The ``nn.Module`` objects reachable from a callable (see the module docs), in a fixed order."""
+    found: list[torch.nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(x, d):
+        if id(x) in seen or d < 0 or x is None or isinstance(x, (str, bytes, int, float, bool)):
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.nn.Module):
+            found.append(x)
+            peft = getattr(type(x), "peft_model", None)  # a BayesianLoRA keeps its peft model aside
+            if isinstance(peft, property):
+                visit(x.peft_model, d)
+            return
+        if isinstance(x, torch.Tensor):
+            return
+        if isinstance(x, functools.partial):
+            for y in (x.func, *x.args, *sorted(x.keywords.items())):
+                visit(y, d - 1)
+        elif hasattr(x, "__func__") and hasattr(x, "__self__"):  # a bound method
+            visit(x.__self__, d - 1)
+            visit(x.__func__, d - 1)
+        elif hasattr(x, "__code__"):  # a function: closure, defaults, the globals it names
+            for c in x.__closure__ or ():
+                try:
+                    visit(c.cell_contents, d - 1)
+                except ValueError:  # an empty cell
+                    pass
+            for y in (*(x.__defaults__ or ()), *(x.__kwdefaults__ or {}).values()):
+                visit(y, d - 1)
+            g = getattr(x, "__globals__", {})
+            for name in x.__code__.co_names:
+                if name in g and not isinstance(g[name], type(functools)):  # skip modules
+                    visit(g[name], d - 1)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                visit(y, d - 1)
+        elif isinstance(x, Mapping):
+            for y in x.values():
+                visit(y, d - 1)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):  # a callable object's attributes
+            if callable(x) and d == depth:
+                visit(type(x).__call__, d - 1)
+            for y in vars(x).values():
+                visit(y, d - 1)
+
+    visit(fn, depth)
+    return found
 
 
 def _tokenize(tokenizer, texts: Sequence[str], max_length: int, device) -> dict:
@@ -68,9 +164,7 @@ def map_predictor(model: torch.nn.Module, tokenizer, *, max_length: int = 128,
         with train_mode(model, False):
             return logits_fn(model, _tokenize(tokenizer, texts, max_length, device)).float().softmax(-1)
 
-    own = {n: p for n, p in model.named_parameters()
-           if p.requires_grad or "lora_" in n or "modules_to_save" in n}
-    predict.fingerprint = _fingerprint(own, "map", max_length)
+    predict.fingerprint = _fingerprint(module_tensors(model), "map", max_length)
     return predict
 
 
@@ -153,8 +247,9 @@ def method_predictor(posterior, tokenizer, *, method: str = "predict", max_lengt
     predictive, e.g. :meth:`EnsemblePosterior.predict` (every member, ``(M, B, C)``) or
     :meth:`LaplacePosterior.predict` (``pred_type``, ``link``, ``num_samples``, ``seed`` in
     ``kwargs``; its seed is reset for every batch). ``device`` defaults to that of the
-    posterior's peft model. The fingerprint hashes ``posterior.mean()`` where the class defines
-    one, the method and ``kwargs``.
+    posterior's peft model. The fingerprint hashes what identifies the posterior
+    (:func:`posterior_tensors`: its mean, ensemble members, a Laplace posterior's prior precision
+    and curvature blocks), the adapter of the model it predicts through, the method and ``kwargs``.
     """
     fn = getattr(posterior, method, None)
     if not callable(fn):
@@ -168,7 +263,35 @@ def method_predictor(posterior, tokenizer, *, method: str = "predict", max_lengt
     def predict(texts):
         return fn([_tokenize(tokenizer, texts, max_length, device)], progress=False, **kwargs)
 
-    own_mean = isinstance(posterior, Posterior) and type(posterior).mean is not Posterior.mean
-    predict.fingerprint = _fingerprint(posterior.mean() if own_mean else {}, type(posterior).__name__,
-                                       method, sorted(kwargs.items()), max_length)
+    tensors, extra = posterior_tensors(posterior)
+    model = getattr(posterior, "peft_model", None)
+    if model is None and getattr(posterior, "lora", None) is not None:
+        model = posterior.lora.peft_model
+    if isinstance(model, torch.nn.Module):  # the adapter the posterior predicts through
+        tensors.update(module_tensors(model, "model/"))
+    predict.fingerprint = _fingerprint(tensors, type(posterior).__name__, method,
+                                       sorted(kwargs.items()), max_length, *extra)
     return predict
+
+
+def posterior_tensors(posterior) -> tuple[dict[str, torch.Tensor], list]:
+    """What identifies a posterior: ``(tensors, other facts)``. Its mean where its class defines
+    one, ensemble ``members``, and for a Laplace posterior the prior precision, the MAP and every
+    curvature block's tensors, with the blocks' kinds and sites and the site names and shapes."""
+    own_mean = isinstance(posterior, Posterior) and type(posterior).mean is not Posterior.mean
+    tensors = {f"mean/{k}": v for k, v in (posterior.mean() if own_mean else {}).items()}
+    extra: list = []
+    members = getattr(posterior, "members", None)
+    if isinstance(members, list) and all(isinstance(m, Mapping) for m in members):
+        tensors.update({f"member{i}/{k}": v for i, m in enumerate(members) for k, v in m.items()})
+    delta = getattr(posterior, "prior_precision", None)
+    if isinstance(delta, torch.Tensor):
+        tensors["prior_precision"] = delta
+    for j, b in enumerate(getattr(posterior, "blocks", None) or ()):
+        extra.append(["block", j, getattr(b, "kind", type(b).__name__), list(getattr(b, "sites", []))])
+        if callable(getattr(b, "tensors", None)):
+            tensors.update({f"block{j}/{k}": v for k, v in b.tensors().items()})
+    for name in ("site_names", "shapes"):
+        if getattr(posterior, name, None) is not None:
+            extra.append([name, [list(x) if isinstance(x, tuple) else x for x in getattr(posterior, name)]])
+    return tensors, extra

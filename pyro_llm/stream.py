@@ -20,9 +20,18 @@ document (``S = 1`` for a point model), set by ``keep``:
 
 Fingerprints: shard ``k`` records ``d_k = sha256(d_{k-1} || rows of shard k)`` (hex, ``d_{-1}``
 empty), each row hashed as its length-prefixed UTF-8 text (and its id, when ``ids`` are given),
-so a resume on a different corpus, or in a different order, is refused. A ``predict_fn`` with
-a ``fingerprint`` attribute (the helpers below set one: a hash of the adapter's tensors or of
-the posterior draws) is recorded as well, so a resume with another model is refused too.
+so a resume on a different corpus, or in a different order, is refused. The predictor's
+fingerprint is recorded as well, so a resume with another model is refused too: ``fingerprint=``
+when given, else the ``predict_fn``'s ``fingerprint`` attribute (the helpers below set one: a hash
+of the adapter's tensors, of the posterior draws, of a Laplace posterior's MAP, prior precision
+and curvature), else a hash of a plain callable's name and of the ``nn.Module`` tensors it is
+bound to (:func:`~pyro_llm.predictors.predictor_fingerprint`; a warning says that this cannot
+see everything a plain function depends on).
+
+A resume reads every finished shard back (names, shapes, finite values, its fingerprint): a
+shard that is missing or damaged is coded again from its rows, which the resume pulls anyway,
+and the other shards are kept. ``manifest.json`` is read field by field
+(:mod:`pyro_llm.coded_files`): a damaged one is an error naming the field.
 
 Predictors (:mod:`pyro_llm.predictors`, re-exported here): :func:`map_predictor` (a peft /
 Hugging Face model), :func:`posterior_predictor`
@@ -38,6 +47,7 @@ import hashlib
 import itertools
 import json
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,25 +55,34 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ._io import save_safetensors
-from ._io import write_json as _write_json
+from ._io import FileFormatError, write_json
+from .coded_files import (
+    KEEP,
+    MANIFEST,
+    CodedCorpus,
+    check_total,
+    iter_coded,
+    load_coded,
+    new_manifest,
+    read_manifest,
+    read_shard,
+    shard_file,
+    write_shard,
+)
 from .metrics import decompose
+from .predictors import map_predictor, method_predictor, posterior_predictor, predictor_fingerprint
 
 __all__ = ["code_corpus", "load_coded", "iter_coded", "CodedCorpus", "CodingRun",
-           "map_predictor", "posterior_predictor", "method_predictor"]
+           "map_predictor", "posterior_predictor", "method_predictor", "KEEP", "MANIFEST"]
 
-from .predictors import map_predictor, method_predictor, posterior_predictor  # noqa: E402
-
-MANIFEST = "manifest.json"
-KEEP = ("mean", "uncertainty", "draws")
-_VERSION = 1
 _SUM_TOL = 1e-3  # float32 softmax rows sum to 1 within ~C * 1e-7; logits miss it by far more
 
 
 @dataclass(frozen=True)
 class CodingRun:
-    """What one :func:`code_corpus` call did: rows now in ``out_dir``, rows this call predicted,
-    rows it verified and skipped (coded by an earlier call), and its wall time."""
+    """What one :func:`code_corpus` call did: rows now in ``out_dir``, rows this call predicted
+    (a finished shard found missing or damaged is predicted again and counted here), rows it
+    verified and skipped (coded by an earlier call), and its wall time."""
 
     out_dir: Path
     rows: int
@@ -73,39 +92,11 @@ class CodingRun:
     seconds: float
 
 
-@dataclass(frozen=True)
-class CodedCorpus:
-    """Coded rows: ``probs`` ``(N, C)`` and, as stored, ``total`` / ``aleatoric`` /
-    ``epistemic`` ``(N,)`` and ``draws`` ``(S, N, C)`` (else ``None``); ``ids`` are the given
-    ids or the row numbers."""
-
-    probs: torch.Tensor
-    ids: list
-    total: torch.Tensor | None = None
-    aleatoric: torch.Tensor | None = None
-    epistemic: torch.Tensor | None = None
-    draws: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.probs.shape[0]
-
-    def to_frame(self):
-        """A pandas DataFrame indexed by id: ``p0 .. p{C-1}`` and the stored uncertainties
-        (write it with ``.to_parquet`` where pyarrow is installed)."""
-        import pandas as pd
-
-        cols = {f"p{c}": self.probs[:, c].numpy() for c in range(self.probs.shape[1])}
-        for k in ("total", "aleatoric", "epistemic"):
-            if getattr(self, k) is not None:
-                cols[k] = getattr(self, k).numpy()
-        return pd.DataFrame(cols, index=pd.Index(self.ids, name="id"))
-
-
 # ---------------------------------------------------------------------------- coding
 def code_corpus(texts: Iterable[str], predict_fn: Callable[[list[str]], torch.Tensor], out_dir,
                 *, ids: Iterable | None = None, batch_size: int = 32, shard_size: int = 4096,
                 keep: str = "draws", resume: bool = True, total: int | None = None,
-                progress: bool = True) -> CodingRun:
+                progress: bool = True, fingerprint: str | None = None) -> CodingRun:
     """Code every text with ``predict_fn`` into safetensors shards under ``out_dir``.
 
     Parameters
@@ -129,43 +120,45 @@ def code_corpus(texts: Iterable[str], predict_fn: Callable[[list[str]], torch.Te
         refuses an ``out_dir`` that holds a run.
     total:
         Number of texts, for the progress bar (default ``len(texts)`` if it has one).
+    fingerprint:
+        A name for the model (and its settings) that changes whenever it does: a resume with
+        another is refused. Needed for a plain ``predict_fn`` whose model is not an
+        ``nn.Module`` it is bound to (see the module docs); default the ``predict_fn``'s own.
 
     Example
     -------
     >>> import tempfile, torch
     >>> fn = lambda batch: torch.tensor([[0.25, 0.75]] * len(batch))
     >>> d = tempfile.mkdtemp()
-    >>> code_corpus(["a", "b", "c"], fn, d, batch_size=2, progress=False).rows
+    >>> code_corpus(["a", "b", "c"], fn, d, batch_size=2, progress=False, fingerprint="constant").rows
     3
     >>> load_coded(d).probs[2].tolist()
     [0.25, 0.75]
     """
     import time
 
-    settings = _settings(keep, batch_size, shard_size, predict_fn, ids is not None)
+    settings = _settings(keep, batch_size, shard_size, predict_fn, ids is not None, fingerprint)
     if total is None and hasattr(texts, "__len__"):
         total = len(texts)
     out_dir = Path(out_dir)
     start = time.perf_counter()
     man = _open(out_dir, settings, resume)
     rows = _rows(texts, ids)
-    skipped = _skip(rows, man, out_dir)
-    first = next(rows, None)
-    if first is None:
-        if not man["shards"]:
-            raise ValueError("texts yielded no documents: the corpus is empty")
-        if not man["complete"]:
-            _finish(out_dir, man)
-        return CodingRun(out_dir, man["rows"], len(man["shards"]), 0, skipped,
-                         time.perf_counter() - start)
-    if man["complete"]:
-        raise ValueError(f"{out_dir} holds a finished run of {man['rows']} texts, but the corpus "
-                         f"has more; code the rest into a new out_dir (or delete {out_dir})")
-    rows = itertools.chain([first], rows)
-    _write_json(out_dir / MANIFEST, man)
-    coded = 0
-    with tqdm(total=total, initial=skipped, unit="doc", desc="code", disable=not progress,
-              smoothing=0.1) as bar:
+    with tqdm(total=total, unit="doc", desc="code", disable=not progress, smoothing=0.1) as bar:
+        skipped, coded = _verify(rows, man, out_dir, predict_fn, bar)
+        first = next(rows, None)
+        if first is None:
+            if not man["shards"]:
+                raise ValueError("texts yielded no documents: the corpus is empty")
+            if not man["complete"]:
+                _finish(out_dir, man)
+            return CodingRun(out_dir, man["rows"], len(man["shards"]), coded, skipped,
+                             time.perf_counter() - start)
+        if man["complete"]:
+            raise ValueError(f"{out_dir} holds a finished run of {man['rows']} texts, but the corpus "
+                             f"has more; code the rest into a new out_dir (or delete {out_dir})")
+        rows = itertools.chain([first], rows)
+        write_json(out_dir / MANIFEST, man)
         while (n := _code_shard(rows, predict_fn, out_dir, man, bar)) > 0:
             coded += n
     _finish(out_dir, man)
@@ -173,7 +166,7 @@ def code_corpus(texts: Iterable[str], predict_fn: Callable[[list[str]], torch.Te
                      time.perf_counter() - start)
 
 
-def _settings(keep, batch_size, shard_size, predict_fn, has_ids) -> dict:
+def _settings(keep, batch_size, shard_size, predict_fn, has_ids, fingerprint) -> dict:
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
     for name, v in (("batch_size", batch_size), ("shard_size", shard_size)):
@@ -182,8 +175,15 @@ def _settings(keep, batch_size, shard_size, predict_fn, has_ids) -> dict:
     if not callable(predict_fn):
         raise TypeError(f"predict_fn must be callable (texts -> probabilities), got "
                         f"{type(predict_fn).__name__}")
-    return {"keep": keep, "batch_size": batch_size, "shard_size": shard_size,
-            "predictor": getattr(predict_fn, "fingerprint", None), "ids": has_ids}
+    fp, verified = predictor_fingerprint(predict_fn, fingerprint)
+    if not verified:
+        warnings.warn("code_corpus: predict_fn is a plain callable without a fingerprint; its "
+                      "fingerprint covers only its name and the nn.Module tensors it is bound to, so a "
+                      "resume with a changed model held elsewhere cannot be detected. Pass "
+                      "fingerprint='a name that changes with the model' (or use map_predictor, "
+                      "posterior_predictor, method_predictor)", UserWarning, stacklevel=3)
+    return {"keep": keep, "batch_size": batch_size, "shard_size": shard_size, "predictor": fp,
+            "ids": has_ids}
 
 
 def _rows(texts, ids) -> Iterator[tuple[str, object]]:
@@ -229,75 +229,97 @@ def _open(out_dir: Path, settings: dict, resume: bool) -> dict:
         if out_dir.exists() and any(out_dir.glob("shard-*.safetensors")):
             raise FileExistsError(f"{out_dir} holds shard files but no {MANIFEST}; choose a new "
                                   "out_dir or delete those files")
-        return {"format": "pyro_llm.stream", "version": _VERSION, "settings": settings,
-                "num_samples": None, "num_classes": None, "rows": 0, "complete": False,
-                "shards": []}
-    man = json.loads(f.read_text())
+        return new_manifest(settings)
     if not resume:
-        raise FileExistsError(f"{out_dir} already holds a coding run ({man['rows']} rows in "
-                              f"{len(man['shards'])} shards); pass resume=True to continue it, "
-                              "or choose a new out_dir")
-    if man.get("format") != "pyro_llm.stream" or man.get("version") != _VERSION:
-        raise ValueError(f"{f} is not a pyro_llm.stream manifest of version {_VERSION}")
+        raise FileExistsError(f"{out_dir} already holds a coding run ({f}); pass resume=True to "
+                              "continue it, or choose a new out_dir")
+    man = read_manifest(out_dir)
     diff = {k: (man["settings"].get(k), v) for k, v in settings.items()
             if man["settings"].get(k) != v}
     if diff:
         said = ", ".join(f"{k}: run {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{out_dir} holds a run with other settings ({said}); resume with the "
                          "same predictor and settings, or choose a new out_dir")
+    check_total(out_dir, man)
     return man
 
 
-def _skip(rows: Iterator, man: dict, out_dir: Path) -> int:
-    """Pull and fingerprint the rows of the finished shards; return how many there were."""
-    digest, done = "", 0
-    for sh in man["shards"]:
-        h = hashlib.sha256(digest.encode())
-        n = 0
+def _verify(rows: Iterator, man: dict, out_dir: Path, predict_fn, bar) -> tuple[int, int]:
+    """Pull the rows of the finished shards, check their fingerprints and read each shard back;
+    a shard that is missing or damaged is coded again from its rows (the others are kept).
+    Returns ``(rows skipped, rows coded again)``."""
+    digest, done, redone = "", 0, 0
+    for k, sh in enumerate(man["shards"]):
+        try:
+            read_shard(out_dir, man, k)
+            damaged = None
+        except (FileNotFoundError, FileFormatError) as e:
+            damaged = str(e)
+        h, start, kept = hashlib.sha256(digest.encode()), done, []
         for text, key in itertools.islice(rows, sh["rows"]):
             _hash_row(h, text, key, man["settings"]["ids"])
-            n += 1
-        if n < sh["rows"]:
-            raise ValueError(f"the corpus ended after {done + n} texts, but {out_dir} already "
+            if damaged:
+                kept.append((text, key))
+            done += 1
+        if done - start < sh["rows"]:
+            raise ValueError(f"the corpus ended after {done} texts, but {out_dir} already "
                              f"holds {man['rows']} coded rows: is it the same corpus?")
-        digest = h.hexdigest()
-        if digest != sh["digest"]:
-            raise ValueError(f"texts (or ids) at rows {done}-{done + n - 1} differ from those "
+        if h.hexdigest() != sh["digest"]:
+            raise ValueError(f"texts (or ids) at rows {start}-{done - 1} differ from those "
                              f"coded into {sh['file']} of {out_dir}: this is another corpus or "
                              "order; choose a new out_dir for it")
-        done += n
-    return done
+        if damaged:
+            warnings.warn(f"code_corpus: {damaged}. Its {sh['rows']} rows are coded again; the other "
+                          "shards are kept", UserWarning, stacklevel=3)
+            tensors, keys, _ = _predict(iter(kept), predict_fn, man, k, start, digest, bar)
+            write_shard(out_dir, k, tensors, keys if man["settings"]["ids"] else None, start,
+                        sh["digest"])
+            read_shard(out_dir, man, k)
+            redone += sh["rows"]
+        else:
+            bar.update(sh["rows"])
+        digest = sh["digest"]
+    return done - redone, redone
 
 
 def _code_shard(rows: Iterator, predict_fn, out_dir: Path, man: dict, bar) -> int:
     """Predict up to ``shard_size`` rows, write them as shard ``k``; return the row count."""
-    st, k = man["settings"], len(man["shards"])
-    h = hashlib.sha256((man["shards"][-1]["digest"] if k else "").encode())
+    k = len(man["shards"])
+    prev = man["shards"][-1]["digest"] if k else ""
+    tensors, keys, digest = _predict(rows, predict_fn, man, k, man["rows"], prev, bar)
+    n = len(keys)
+    if n:
+        write_shard(out_dir, k, tensors, keys if man["settings"]["ids"] else None, man["rows"], digest)
+        man["shards"].append({"file": shard_file(k), "first_row": man["rows"], "rows": n,
+                              "digest": digest})
+        man["rows"] += n
+        write_json(out_dir / MANIFEST, man)
+    return n
+
+
+def _predict(rows: Iterator, predict_fn, man: dict, k: int, first_row: int, prev: str, bar):
+    """``(tensors, ids, digest)`` of up to ``shard_size`` rows, predicted one batch at a time."""
+    st = man["settings"]
+    h = hashlib.sha256(prev.encode())
     parts: dict[str, list[torch.Tensor]] = {}
-    keys, n = [], 0
+    keys: list = []
     for j in itertools.count():
-        batch = list(itertools.islice(rows, min(st["batch_size"], st["shard_size"] - n)))
+        batch = list(itertools.islice(rows, min(st["batch_size"], st["shard_size"] - len(keys))))
         if not batch:
             break
         texts = [t for t, _ in batch]
-        where = f"batch {j} of shard {k} (rows {man['rows'] + n}-{man['rows'] + n + len(texts) - 1})"
+        at = first_row + len(keys)
+        where = f"batch {j} of shard {k} (rows {at}-{at + len(texts) - 1})"
         probs = _checked(predict_fn(texts), len(texts), man, where)
         for name, t in _summaries(probs, st["keep"]).items():
             parts.setdefault(name, []).append(t)
         for text, key in batch:
             _hash_row(h, text, key, st["ids"])
         keys += [key for _, key in batch]
-        n += len(batch)
         bar.update(len(batch))
-    if n:
-        tensors = {name: torch.cat(ts, dim=-2 if name == "draws" else 0).contiguous()
-                   for name, ts in parts.items()}
-        _write_shard(out_dir, k, tensors, keys if st["ids"] else None, man["rows"])
-        man["shards"].append({"file": _shard_file(k), "first_row": man["rows"], "rows": n,
-                              "digest": h.hexdigest()})
-        man["rows"] += n
-        _write_json(out_dir / MANIFEST, man)
-    return n
+    tensors = {name: torch.cat(ts, dim=-2 if name == "draws" else 0).contiguous()
+               for name, ts in parts.items()}
+    return tensors, keys, h.hexdigest()
 
 
 def _checked(probs, b: int, man: dict, where: str) -> torch.Tensor:
@@ -335,57 +357,6 @@ def _summaries(probs: torch.Tensor, keep: str) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------- files
-def _shard_file(k: int) -> str:
-    return f"shard-{k:05d}.safetensors"
-
-
-def _write_shard(out_dir: Path, k: int, tensors: dict, keys: list | None, first_row: int) -> None:
-    meta = {"first_row": str(first_row)}
-    if keys is not None:
-        meta["ids"] = json.dumps(keys)
-    save_safetensors(out_dir / _shard_file(k), tensors, metadata=meta)
-
-
 def _finish(out_dir: Path, man: dict) -> None:
     man["complete"] = True
-    _write_json(out_dir / MANIFEST, man)
-
-
-def iter_coded(out_dir, *, allow_partial: bool = False) -> Iterator[CodedCorpus]:
-    """The shards of a :func:`code_corpus` run, one :class:`CodedCorpus` at a time."""
-    from safetensors import safe_open
-
-    out_dir = Path(out_dir)
-    f = out_dir / MANIFEST
-    if not f.exists():
-        raise FileNotFoundError(f"{out_dir} holds no {MANIFEST}: not a code_corpus out_dir")
-    man = json.loads(f.read_text())
-    if not man["complete"] and not allow_partial:
-        raise ValueError(f"the run in {out_dir} is unfinished ({man['rows']} rows so far); call "
-                         "code_corpus again with resume=True, or pass allow_partial=True")
-    for sh in man["shards"]:
-        path = out_dir / sh["file"]
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing, though {MANIFEST} lists it")
-        with safe_open(str(path), framework="pt") as g:
-            t = {k: g.get_tensor(k) for k in g.keys()}
-            meta = g.metadata() or {}
-        first = sh["first_row"]
-        keys = json.loads(meta["ids"]) if "ids" in meta else list(range(first, first + sh["rows"]))
-        if t["probs"].shape[0] != sh["rows"] or len(keys) != sh["rows"]:
-            raise ValueError(f"{path} holds {t['probs'].shape[0]} rows but {MANIFEST} says "
-                             f"{sh['rows']}; the folder is damaged: code again into a new out_dir")
-        yield CodedCorpus(ids=keys, **t)
-
-
-def load_coded(out_dir, *, allow_partial: bool = False) -> CodedCorpus:
-    """Every row of a :func:`code_corpus` run, concatenated (see :func:`iter_coded` for
-    one shard at a time)."""
-    shards = list(iter_coded(out_dir, allow_partial=allow_partial))
-    if not shards:
-        raise ValueError(f"{out_dir} holds no finished shard yet")
-    cat = {k: (torch.cat([getattr(s, k) for s in shards], dim=-2 if k == "draws" else 0)
-               if getattr(shards[0], k) is not None else None)
-           for k in ("probs", "total", "aleatoric", "epistemic", "draws")}
-    return CodedCorpus(ids=[i for s in shards for i in s.ids], **cat)
+    write_json(out_dir / MANIFEST, man)

@@ -26,6 +26,10 @@ from pyro_llm.stream import (
     posterior_predictor,
 )
 
+# FakePredict and the lambdas below are plain callables: code_corpus warns that their fingerprint
+# (name only) cannot see a changed model; tests/test_coding_reliability.py tests that warning
+pytestmark = pytest.mark.filterwarnings("ignore:code_corpus. predict_fn is a plain callable")
+
 
 # ------------------------------------------------------------------ a fake predictor
 def text_probs(text: str, S: int, C: int) -> torch.Tensor:
@@ -164,7 +168,7 @@ def test_resume_refuses_another_corpus_or_other_settings(tmp_path):
         code_corpus(texts, FakePredict(), tmp_path, ids=range(20), **kw)
     other = FakePredict()
     other.fingerprint = "another model"
-    with pytest.raises(ValueError, match="predictor: run None vs now 'another model'"):
+    with pytest.raises(ValueError, match="predictor: run 'callable:[0-9a-f]+' vs now 'another model'"):
         code_corpus(texts, other, tmp_path, **kw)
     with pytest.raises(FileExistsError, match="pass resume=True"):
         code_corpus(texts, FakePredict(), tmp_path, resume=False, **kw)
