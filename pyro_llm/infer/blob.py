@@ -49,11 +49,9 @@ Notes
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -64,10 +62,11 @@ from pyro.nn import PyroModule
 
 from ..lora import BayesianLoRA
 from ..posterior import GuidePosterior, predict_probs
-from .checkpoint import STATE_FILE
+from .checkpoint import checkpoint_step
 from .flipout import flipout_forward
 from .laplace.capture import default_labels, default_logits
-from .svi import EarlyStopping, FitResult, train_loop
+from .loop import EarlyStopping, FitResult, OneShot, peek_batches, train_loop
+from .svi import model_sketch
 
 __all__ = ["BLoBGuide", "BLoBResult", "fit_blob", "kl_weights", "flipout_forward"]
 
@@ -340,6 +339,9 @@ def _num_data(data, labels_fn) -> int:
     ds = getattr(data, "dataset", None)
     if ds is not None and hasattr(ds, "__len__"):
         return len(ds)
+    if isinstance(data, OneShot):
+        raise ValueError("the data is a one-shot iterator (a generator): counting its rows would use "
+                         "it up; pass num_data= (the number of training rows)")
     n = 0
     for batch in data:
         y = labels_fn(batch)
@@ -359,11 +361,6 @@ def _step_weights(data, kl_schedule, kl_scale: float) -> list[float]:
         raise ValueError("the data has no batches: the dataset is empty")
     pi = kl_weights(n_batches or 1, kl_schedule)
     return (kl_scale * pi.numel() * pi).tolist()
-
-
-def _resumed_step(checkpoint) -> int:
-    meta = Path(checkpoint) / STATE_FILE if checkpoint else None
-    return int(json.loads(meta.read_text())["step"]) if meta and meta.exists() else 0
 
 
 def fit_blob(
@@ -437,16 +434,14 @@ def fit_blob(
         if site in store:
             del store[site]
     guide = BLoBGuide(lora, init_scale=init_scale, seed=0 if seed is None else seed)
+    first, data = peek_batches(data)
     weights = _step_weights(data, kl_schedule, kl_scale)
     num_data = _num_data(data, labels_fn) if num_data is None else int(num_data)
     if num_data < 1:
         raise ValueError(f"num_data must be >= 1, got {num_data}")
     obj = _Objective(lora, guide, num_data, logits_fn, labels_fn, flipout)
-    first = next(iter(data), None)
-    if first is None:
-        raise ValueError("the data yielded no batch: the dataset is empty")
     params = obj.params(first)
-    step_count, used = [_resumed_step(checkpoint)], []
+    step_count, used = [checkpoint_step(checkpoint)], []
 
     def step(batch):
         w = weights[step_count[0] % len(weights)]
@@ -457,6 +452,9 @@ def fit_blob(
     fit = train_loop("blob", step, params, data, guide=guide, epochs=epochs, max_steps=max_steps, lr=lr,
                weight_decay=0.0, clip_norm=None, checkpoint=checkpoint,
                checkpoint_every=checkpoint_every, early_stopping=early_stopping, progress=progress,
-               seed=seed)
+               seed=seed, fingerprint=None if not checkpoint else {
+                   "model": model_sketch(peft_model, params), "kl": [kl_schedule if isinstance(
+                       kl_schedule, str) else "callable", kl_scale], "prior_scale": float(prior_scale),
+                   "init_scale": float(init_scale), "flipout": bool(flipout), "num_data": num_data})
     return BLoBResult(posterior=GuidePosterior(guide), lora=lora, guide=guide, fit=fit,
                       kl_weights=tuple(used), logits_fn=logits_fn)

@@ -12,7 +12,8 @@ import torch
 
 from ..lora import train_mode
 from ..polar import PolarAdapter, polar_optimizer
-from .svi import hf_loss, train_loop
+from .loop import train_loop
+from .svi import hf_loss
 
 __all__ = ["fit_polar"]
 
