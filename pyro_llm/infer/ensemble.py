@@ -21,7 +21,6 @@ processes may train disjoint ``members=range(a, b)`` slices into one ``out_dir``
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,18 +30,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
-from .._io import write_json
+from .._io import atomic_folder, write_json
 from ..posterior import Draw, Posterior, predict_probs
 from . import svi
 from .ensemble_io import (
     ENSEMBLE_INFO,
     ENSEMBLE_VERSION,
-    check_names,
     check_or_write_settings,
     describe,
     full_seeds,
+    is_member_entry,
     load_member,
     member_file,
+    read_members,
     remove_checkpoint,
     save_member,
 )
@@ -190,50 +190,37 @@ class EnsemblePosterior(Posterior):
         return torch.cat(chunks, dim=1)
 
     def save(self, path) -> Path:
-        """Write ``member_{k:03d}.safetensors`` per member and ``ensemble.json`` into ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        """Write ``member_{k:03d}.safetensors`` per member and ``ensemble.json`` into ``path``.
+
+        The save is atomic as a whole (:func:`~pyro_llm._io.atomic_folder`): a reader sees the
+        old ensemble or the new one. Every ``member_*`` entry and ``ensemble.json`` already in
+        ``path`` is replaced (a larger ensemble saved there before leaves no member behind);
+        other files in the folder are kept.
+        """
         first = self._peft[0]
+        n = max(self.indices) + 1
         settings = {"names": list(first), "shapes": [list(v.shape) for v in first.values()],
-                    "num_members": max(self.indices) + 1,
-                    "seeds": full_seeds(self.indices, self.seeds, max(self.indices) + 1)}
-        write_json(path / ENSEMBLE_INFO, {"version": ENSEMBLE_VERSION, **settings})
-        for k, seed, m, info in zip(self.indices, self.seeds, self._peft, self.info, strict=True):
-            save_member(path, k, m, {**info, "seed": seed})
-        return path
+                    "num_members": n, "seeds": full_seeds(self.indices, self.seeds, n)}
+        with atomic_folder(path, owned=is_member_entry) as tmp:
+            write_json(tmp / ENSEMBLE_INFO, {"version": ENSEMBLE_VERSION, **settings})
+            for k, seed, m, info in zip(self.indices, self.seeds, self._peft, self.info, strict=True):
+                save_member(tmp, k, m, {**info, "seed": seed})
+        return Path(path)
 
 
 def load_ensemble(path, peft_model: torch.nn.Module | None = None, *, lora=None) -> EnsemblePosterior:
-    """Gather every ``member_*.safetensors`` of ``path`` into an :class:`EnsemblePosterior`.
+    """Gather every ``member_NNN.safetensors`` of ``path`` into an :class:`EnsemblePosterior`.
 
     Members trained in separate processes (``members=range(a, b)``) into one folder come back
     together; a warning names the members of ``ensemble.json``'s ``num_members`` still missing.
     With ``peft_model`` (or ``lora``) the names and shapes are checked against its trainable
-    tensors and the members follow its device and dtype.
+    tensors and the members follow its device and dtype. Every file is checked before use
+    (``ensemble.json`` field by field, each member's tensor names and shapes, NaN / inf); a
+    ``member_*`` entry that is not ``member_NNN.safetensors`` with ``NNN < num_members`` is an
+    error naming it (see :mod:`~pyro_llm.infer.ensemble_io`).
     """
-    path = Path(path)
-    if not (path / ENSEMBLE_INFO).exists():
-        raise FileNotFoundError(f"{path} holds no {ENSEMBLE_INFO}: not an ensemble folder (fit_ensemble's "
-                                "out_dir or EnsemblePosterior.save)")
-    meta = json.loads((path / ENSEMBLE_INFO).read_text())
-    files = sorted(path.glob("member_*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} holds no member_*.safetensors: no member has finished yet")
     model = lora.peft_model if lora is not None and peft_model is None else peft_model
-    if model is not None:
-        check_names(model, meta, path)
-    like = {n: (model.get_parameter(n) if model is not None else None) for n in meta["names"]}
-    members, seeds, indices, info = [], [], [], []
-    for f in files:
-        m, extra = load_member(f, like)
-        members.append(m)
-        indices.append(int(f.stem.split("_")[1]))
-        seeds.append(extra.get("seed"))
-        info.append(extra)
-    missing = sorted(set(range(meta["num_members"])) - set(indices))
-    if missing:
-        warnings.warn(f"{path}: members {missing} of {meta['num_members']} are not there yet; "
-                      f"loaded {len(indices)}", stacklevel=2)
+    members, indices, seeds, info = read_members(Path(path), model)
     return EnsemblePosterior(members, peft_model=model, lora=lora, seeds=seeds, indices=indices, info=info)
 
 
@@ -299,13 +286,14 @@ def fit_ensemble(peft_model: torch.nn.Module, data: Iterable, num_members: int =
                                       num_batches=len(data) if hasattr(data, "__len__") else None,
                                       **fit_kwargs))}
     out = Path(out_dir) if out_dir is not None else None
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
     if out is not None:
         check_or_write_settings(out, settings)
     fitted, info = [], []
     with _restored(peft_model, list(params)) as before:
         for k in tqdm(todo, disable=not progress, desc="ensemble", leave=False):
             if out is not None and (out / member_file(k)).exists():
-                member, rec = load_member(out / member_file(k), params)
+                member, rec = load_member(out / member_file(k), shapes, params)
                 fitted.append(member)
                 info.append({**rec, "resumed": True})
                 continue
