@@ -10,7 +10,6 @@ Saved with safetensors (tensors) and JSON (the rest); nothing is pickled.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,6 +19,15 @@ import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 
+from ..._io import (
+    FileFormatError,
+    atomic_folder,
+    check_field,
+    read_json,
+    read_safetensors,
+    save_safetensors,
+    write_json,
+)
 from ...posterior import Draw, Posterior
 from .blocks import BLOCKS, DTYPE
 
@@ -167,43 +175,106 @@ class LaplacePosterior(Posterior):
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:
-        """Write ``laplace.safetensors`` and ``laplace.json`` into the folder ``path``."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        """Write ``laplace.safetensors`` and ``laplace.json`` into the folder ``path``, atomically
+        as a pair (other files in the folder are kept)."""
         tensors = {f"map.{i}": self.map[n].contiguous() for i, n in enumerate(self.site_names)}
         tensors["prior_precision"] = self._delta.contiguous()
         for j, b in enumerate(self.blocks):
             tensors.update({f"block{j}.{k}": t.contiguous() for k, t in b.tensors().items()})
-        save_file(tensors, str(path / _FILES[0]))
         info = dict(site_names=self.site_names, shapes=self.shapes, log_likelihood=self.log_likelihood,
                     n_data=self.n_data, meta=self.meta, blocks=[[b.kind, b.sites] for b in self.blocks])
-        (path / _FILES[1]).write_text(json.dumps(info, indent=1))
-        return path
+        with atomic_folder(path, owned=lambda name: name in _FILES) as tmp:
+            save_safetensors(tmp / _FILES[0], tensors)
+            write_json(tmp / _FILES[1], info)
+        return Path(path)
+
+
+_FIELDS = {"site_names": "list[str]", "shapes": "shapes", "log_likelihood": "float", "n_data": "int>=0",
+           "meta": "dict", "blocks": "list"}
 
 
 def load_laplace(path, lora=None) -> LaplacePosterior:
-    """Read a :meth:`LaplacePosterior.save` folder; ``lora`` (a ``BayesianLoRA``) enables ``predict``."""
-    from safetensors.torch import load_file
+    """Read a :meth:`LaplacePosterior.save` folder; ``lora`` (a ``BayesianLoRA``) enables ``predict``.
 
+    Both files are checked before use: ``laplace.json`` field by field, every tensor's name and
+    shape against it, NaN / inf, and, with ``lora``, the sites and their shapes against the
+    model's; a damaged or tampered file is a :class:`~pyro_llm._io.FileFormatError` naming it.
+    """
     path = Path(path)
     missing = [f for f in _FILES if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a saved Laplace posterior: {missing} missing")
-    info = json.loads((path / _FILES[1]).read_text())
-    t = load_file(str(path / _FILES[0]))
+    jf, tf = path / _FILES[1], path / _FILES[0]
+    info = read_json(jf, what="Laplace posterior", fields=_FIELDS)
     names, shapes = info["site_names"], [tuple(s) for s in info["shapes"]]
+    if len(shapes) != len(names) or len(set(names)) != len(names) or not names:
+        raise FileFormatError(f"{jf}: {len(names)} site_names (distinct, at least one) need as many "
+                              f"shapes, got {len(shapes)}; the file is damaged")
+    if lora is not None:
+        _check_model(lora, names, shapes, path)
+    expect = {f"map.{i}": s for i, s in enumerate(shapes)} | {"prior_precision": (len(names),)}
+    t, _ = read_safetensors(tf, what="Laplace posterior", expect=expect)
+    if (t["prior_precision"] <= 0).any():
+        raise FileFormatError(f"{tf}: tensor 'prior_precision' must be > 0, got "
+                              f"{t['prior_precision'].tolist()[:4]}; the file is damaged")
     blocks = []
-    for j, (kind, sites) in enumerate(info["blocks"]):
-        bt = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(f"block{j}.")}
+    for j, kind, sites, bt in _block_entries(jf, info["blocks"], t, len(names)):
+        _check_block(tf, j, kind, [shapes[i] for i in sites], bt)
         blocks.append(BLOCKS[kind].from_tensors(sites, [shapes[i] for i in sites], bt))
-    if lora is not None and set(lora.site_names) != set(names):
-        raise ValueError(f"the BayesianLoRA's sites {lora.site_names[:2]}... differ from the saved "
-                         f"posterior's {names[:2]}...; build it with the same select= and prefix=")
     return LaplacePosterior(names, shapes, {n: t[f"map.{i}"] for i, n in enumerate(names)}, blocks,
                             t["prior_precision"], info["log_likelihood"], info["n_data"], info["meta"],
                             lora=lora)
+
+
+def _check_model(lora, names, shapes, path) -> None:
+    if set(lora.site_names) != set(names):
+        raise ValueError(f"the BayesianLoRA's sites {lora.site_names[:2]}... differ from the saved "
+                         f"posterior's {names[:2]}...; build it with the same select= and prefix=")
+    for n, s in zip(names, shapes, strict=True):
+        have = tuple(lora.peft_model.get_parameter(lora.peft_name(n)).shape)
+        if have != s:
+            raise ValueError(f"{path}: site {n!r} has shape {s} in the saved posterior, {have} in the "
+                             "model; load it with the model it was fitted on")
+
+
+def _block_entries(jf, entries, t, num_sites):
+    """``(j, kind, sites, tensors)`` per block of ``laplace.json``; every site in exactly one block."""
+    seen = []
+    for j, e in enumerate(entries):
+        ok = isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and e[0] in BLOCKS \
+            and check_field(e[1], "list[int]") and all(0 <= i < num_sites for i in e[1]) \
+            and (len(e[1]) >= 1 if e[0] == "full" else len(e[1]) == 1)
+        if not ok:
+            raise FileFormatError(f"{jf}: blocks[{j}] is {e!r}, expected [kind, sites] with kind one of "
+                                  f"{sorted(BLOCKS)} and site indices below {num_sites}; the file is "
+                                  "damaged")
+        seen += e[1]
+        yield j, e[0], e[1], {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(f"block{j}.")}
+    if sorted(seen) != list(range(num_sites)):
+        raise FileFormatError(f"{jf}: the blocks cover the sites {sorted(seen)}, not each of the "
+                              f"{num_sites} sites once; the file is damaged")
+
+
+def _check_block(tf, j, kind, shapes, bt) -> None:
+    """The block's tensors are there with shapes that fit its sites' shapes."""
+    size = sum(math.prod(s) for s in shapes)
+    if kind == "kron":  # QG (out, kG), lG (kG,), QA (in, kA), lA (kA,), k <= the side
+        ok = len(shapes[0]) == 2 and all(k in bt for k in ("QG", "lG", "QA", "lA"))
+        for q, lam, side in (("QG", "lG", 0), ("QA", "lA", 1)):
+            ok = ok and bt[lam].dim() == 1 and tuple(bt[q].shape) == (shapes[0][side], len(bt[lam])) \
+                and len(bt[lam]) <= shapes[0][side]
+        if not ok:
+            got = {k: tuple(v.shape) for k, v in bt.items()}
+            raise FileFormatError(f"{tf}: the kron block {j} over a site of shape {shapes[0]} has tensors "
+                                  f"{got}, expected QG (out, kG), lG (kG,), QA (in, kA), lA (kA,); the "
+                                  "file is damaged")
+        return
+    want = {"H": (size, size)} if kind == "full" else {"diag": tuple(shapes[0])}
+    for k, shape in want.items():
+        if k not in bt or tuple(bt[k].shape) != shape:
+            got = tuple(bt[k].shape) if k in bt else "missing"
+            raise FileFormatError(f"{tf}: tensor 'block{j}.{k}' of the {kind} block over shape(s) {shapes} "
+                                  f"is {got}, expected {shape}; the file is damaged")
 
 
 class _BlockNormal(TorchDistribution):
