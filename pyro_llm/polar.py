@@ -29,14 +29,14 @@ the paper's plain landing iteration.
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ._io import atomic_folder, read_json, read_safetensors, save_safetensors, write_json
 from .lora import find_lora_parameters, lora_layers
 
 __all__ = ["PolarAdapter", "PolarOptimizer", "landing_bound", "landing_field",
@@ -47,6 +47,7 @@ METHODS = ("landing", "retraction")
 PRECONDITIONS = ("adam", "adam_field", "none")
 INITS = ("random", "lora")
 _TENSORS, _META = "polar.safetensors", "polar.json"
+_FIELDS = {"adapter_name": "str", "layers": "list[str]", "extra_names": "list[str]"}
 
 
 # ---------------------------------------------------------------- Stiefel primitives
@@ -236,42 +237,50 @@ class PolarAdapter(torch.nn.Module):
 
     def save_pretrained(self, path) -> Path:
         """Save a plain peft adapter (loadable by ``PeftModel.from_pretrained`` alone) and
-        ``polar.safetensors`` + ``polar.json`` with ``U, V, Theta`` (and the extra tensors)."""
+        ``polar.safetensors`` + ``polar.json`` with ``U, V, Theta`` (and the extra tensors).
+        Atomic as a whole; other files in ``path`` (a tokenizer) are kept."""
         if not hasattr(self._peft_model, "save_pretrained"):
             raise TypeError(f"{type(self._peft_model).__name__} has no save_pretrained; wrap the "
                             "model with peft.get_peft_model to save it")
-        d = Path(path)
         self.write_to_peft()
-        self._peft_model.save_pretrained(str(d))
         tensors = {k: t.detach().cpu().contiguous() for k, t in self.named_polar_tensors().items()}
         for n in self.extra_names:
             tensors[f"extra/{n}"] = self._peft_model.get_parameter(n).detach().cpu().contiguous()
-        save_file(tensors, str(d / _TENSORS))
         meta = {"format": "pyro_llm.polar", "version": 1, "adapter_name": self.adapter_name,
                 "layers": self.layer_names, "scaling": self.scaling, "extra_names": self.extra_names}
-        (d / _META).write_text(json.dumps(meta, indent=1))
-        return d
+        owned = {_TENSORS, _META, "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}
+        with atomic_folder(path, owned=owned.__contains__) as tmp:
+            if (Path(path) / "README.md").is_file():  # peft updates a model card in place
+                shutil.copy2(Path(path) / "README.md", tmp / "README.md")
+            self._peft_model.save_pretrained(str(tmp))
+            save_safetensors(tmp / _TENSORS, tensors)
+            write_json(tmp / _META, meta)
+        return Path(path)
 
     @classmethod
     def from_pretrained(cls, peft_model: torch.nn.Module, path) -> PolarAdapter:
         """Restore ``U, V, Theta`` (exactly) and the extra tensors saved by :meth:`save_pretrained`
-        onto ``peft_model`` (same architecture and LoRA config); writes them into the peft model."""
+        onto ``peft_model`` (same architecture and LoRA config); writes them into the peft model.
+        Both files are checked (fields, tensor names and shapes, NaN / inf) before anything is written."""
         d = Path(path)
         if not (d / _META).exists() or not (d / _TENSORS).exists():
             raise FileNotFoundError(f"{d} has no {_META} / {_TENSORS}; save it with "
                                     "PolarAdapter.save_pretrained (a plain peft adapter lacks them)")
-        meta = json.loads((d / _META).read_text())
+        meta = read_json(d / _META, what="PoLAR adapter", fields=_FIELDS)
         adapter = cls(peft_model, adapter_name=meta["adapter_name"])
         if adapter.layer_names != meta["layers"]:
             raise ValueError(f"saved LoRA layers {meta['layers'][:3]}... differ from the model's "
                              f"{adapter.layer_names[:3]}...; use the same base model and LoRA config")
-        tensors = load_file(str(d / _TENSORS))
-        targets = dict(adapter.named_polar_tensors())
-        targets.update({f"extra/{n}": peft_model.get_parameter(n) for n in meta["extra_names"]})
+        params = dict(peft_model.named_parameters())
+        lacking = sorted(set(meta["extra_names"]) - set(params))
+        if lacking:
+            raise ValueError(f"{d / _META} names extra tensors {lacking[:3]} the model lacks; use the "
+                             "same base model and modules_to_save")
+        targets = dict(adapter.named_polar_tensors()) | {f"extra/{n}": params[n] for n in meta["extra_names"]}
+        tensors, _ = read_safetensors(d / _TENSORS, what="PoLAR adapter",
+                                      expect={k: tuple(p.shape) for k, p in targets.items()})
         with torch.no_grad():
             for k, p in targets.items():
-                if k not in tensors or tensors[k].shape != p.shape:
-                    raise ValueError(f"{d / _TENSORS} lacks {k!r} of shape {tuple(p.shape)}")
                 p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))
         adapter.write_to_peft()
         return adapter

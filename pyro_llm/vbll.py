@@ -22,12 +22,13 @@ F F^T``, F of rank ``cov_rank``). Heads depend on torch only and save with safet
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ._io import FileFormatError, atomic_folder, read_json, read_safetensors, save_safetensors, write_json
 
 __all__ = ["VBLLRegression", "VBLLClassification", "save_head", "load_head"]
 
@@ -298,29 +299,45 @@ _HEADS = {"regression": VBLLRegression, "classification": VBLLClassification}
 _FILES = ("vbll.safetensors", "vbll.json")
 
 
-def save_head(head: _VBLLHead, path) -> Path:
-    """Write a head's ``state_dict`` (``vbll.safetensors``) and config (``vbll.json``) to a folder."""
-    from safetensors.torch import save_file
+_FIELDS = {"task": "str", "in_features": "int", "out": "int", "prior_scale": "float", "cov": "str",
+           "cov_rank": "int>=0", "regularization_weight": "float>=0", "seed": "int"}
+_TASK_FIELDS = {"regression": {"noise": "float", "learn_noise": "bool"}, "classification": {}}
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(path / _FILES[0]))
-    (path / _FILES[1]).write_text(json.dumps(head.config(), indent=1))
-    return path
+
+def save_head(head: _VBLLHead, path) -> Path:
+    """Write a head's ``state_dict`` (``vbll.safetensors``) and config (``vbll.json``) to a folder,
+    atomically as a pair (other files in the folder are kept)."""
+    with atomic_folder(path, owned=lambda name: name in _FILES) as tmp:
+        save_safetensors(tmp / _FILES[0], {k: v.detach().contiguous() for k, v in head.state_dict().items()})
+        write_json(tmp / _FILES[1], head.config())
+    return Path(path)
 
 
 def load_head(path, device=None) -> _VBLLHead:
-    """Read a :func:`save_head` folder back into a new head (same class, same tensors)."""
-    from safetensors.torch import load_file
+    """Read a :func:`save_head` folder back into a new head (same class, same tensors).
 
+    ``vbll.json`` is checked field by field and the tensors against the head it describes
+    (names, shapes, NaN / inf): a damaged file is a :class:`~pyro_llm._io.FileFormatError`.
+    """
     path = Path(path)
     missing = [f for f in _FILES if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a saved VBLL head: {missing} missing")
-    cfg = json.loads((path / _FILES[1]).read_text())
-    task, out = cfg.pop("task"), cfg.pop("out")
-    if task not in _HEADS:
-        raise ValueError(f"unknown VBLL head task {task!r} in {path / _FILES[1]}")
-    head = _HEADS[task](cfg.pop("in_features"), out, **cfg)
-    head.load_state_dict(load_file(str(path / _FILES[0])))
+    jf, tf = path / _FILES[1], path / _FILES[0]
+    cfg = read_json(jf, what="VBLL head", fields=_FIELDS)
+    if cfg["task"] not in _HEADS:
+        raise FileFormatError(f"{jf}: field 'task' is {cfg['task']!r}, expected one of {sorted(_HEADS)}")
+    fields = {**_FIELDS, **_TASK_FIELDS[cfg["task"]]}
+    cfg = read_json(jf, what="VBLL head", fields=fields)
+    kw = {k: cfg[k] for k in fields if k not in ("task", "in_features", "out")}
+    try:
+        head = _HEADS[cfg["task"]](cfg["in_features"], cfg["out"], **kw)
+    except ValueError as e:
+        raise FileFormatError(f"{jf} describes no valid head ({e}); the file is damaged") from None
+    expect = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    tensors, _ = read_safetensors(tf, what="VBLL head", expect=expect)
+    if set(tensors) != set(expect):
+        raise FileFormatError(f"{tf} holds tensors {sorted(set(tensors) - set(expect))[:3]} that a "
+                              f"{cfg['task']} head of {jf} does not have; the file is damaged")
+    head.load_state_dict(tensors)
     return head.to(device) if device is not None else head

@@ -30,7 +30,6 @@ weight draws (for mutual information).
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -38,6 +37,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._io import (
+    FileFormatError,
+    atomic_folder,
+    check_field,
+    read_json,
+    read_safetensors,
+    save_safetensors,
+    write_json,
+)
 from ..lora import train_mode
 from ..polar import PolarOptimizer
 from ..posterior import Draw, Posterior
@@ -47,7 +55,8 @@ from .laplace.capture import default_labels as _read_labels
 __all__ = ["PolarVBLL", "fit_polar_vbll", "load_polar_vbll"]
 
 ALTERNATES = ("epoch", "step")
-_ADAPTER, _META = "adapter.safetensors", "polar_vbll.json"
+_ADAPTER, _META, _FORMAT = "adapter.safetensors", "polar_vbll.json", "pyro_llm.polar_vbll"
+_OWNED = (_ADAPTER, _META, "head", "peft_adapter")
 
 
 def default_labels(batch) -> torch.Tensor:
@@ -134,46 +143,62 @@ class PolarVBLL(Posterior):
     def save(self, path) -> Path:
         """Write the head (``head/``), the adapter's trained tensors (``adapter.safetensors``) and
         ``polar_vbll.json``; a peft-loadable adapter goes to ``peft_adapter/`` when the adapter
-        has ``save_pretrained`` (a :class:`~pyro_llm.polar.PolarAdapter`)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_head(self.head, path / "head")
-        save_file(_adapter_tensors(self.adapter), str(path / _ADAPTER))
-        if hasattr(self.adapter, "save_pretrained"):
-            self.adapter.save_pretrained(path / "peft_adapter")
-        meta = dict(format="pyro_llm.polar_vbll", version=1, dropout=self.dropout, config=self.config,
+        has ``save_pretrained`` (a :class:`~pyro_llm.polar.PolarAdapter`). Atomic as a whole:
+        an interrupted save leaves the previous one in place (other files in ``path`` are kept)."""
+        meta = dict(format=_FORMAT, version=1, dropout=self.dropout, config=self.config,
                     losses=list(self.losses), head_losses=list(self.head_losses),
                     fit_seconds=self.fit_seconds)
-        (path / _META).write_text(json.dumps(meta, indent=1))
-        return path
+        with atomic_folder(path, owned=lambda name: name in _OWNED) as tmp:
+            save_head(self.head, tmp / "head")
+            save_safetensors(tmp / _ADAPTER, _adapter_tensors(self.adapter))
+            if hasattr(self.adapter, "save_pretrained"):
+                self.adapter.save_pretrained(tmp / "peft_adapter")
+            write_json(tmp / _META, meta)
+        return Path(path)
+
+
+_FIELDS = {"format": "str", "version": "int", "dropout": "bool", "config": "dict", "losses": "list",
+           "head_losses": "list", "fit_seconds": "float>=0"}
 
 
 def load_polar_vbll(path, adapter: torch.nn.Module, features_fn: Callable) -> PolarVBLL:
     """Read a :meth:`PolarVBLL.save` folder: the adapter's tensors are copied into ``adapter``
     (built on the same base model and LoRA config as the saved one) and written to its peft
-    model; ``features_fn`` is the same function the model was fitted with."""
-    from safetensors.torch import load_file
+    model; ``features_fn`` is the same function the model was fitted with.
 
+    Every file is read and checked first (``polar_vbll.json`` field by field, the head, the
+    adapter's tensor names, shapes and finiteness); ``adapter`` is changed only when all pass.
+    """
     path = Path(path)
     missing = [f for f in (_ADAPTER, _META, "head") if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a saved PolarVBLL: {missing} missing")
-    saved, current = load_file(str(path / _ADAPTER)), _adapter_tensors(adapter, live=True)
+    meta = read_json(path / _META, what="PolarVBLL", fields=_FIELDS)
+    scale = meta["config"].get("feature_scale", 1.0)
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool)  # NaN losses stay as fitted
+                  for x in meta["losses"] + meta["head_losses"])
+    if meta["format"] != _FORMAT or not check_field(scale, "float") or not scale > 0 or not numbers:
+        raise FileFormatError(f"{path / _META}: format {meta['format']!r} (expected {_FORMAT!r}), "
+                              f"config.feature_scale {scale!r} (expected > 0) or a loss that is not a "
+                              "number: the file is damaged")
+    current = _adapter_tensors(adapter, live=True)
+    saved, _ = read_safetensors(path / _ADAPTER, what="PolarVBLL adapter")
     if sorted(saved) != sorted(current) or any(saved[k].shape != current[k].shape for k in saved):
         raise ValueError(f"the adapter's tensors ({len(current)}) do not match the saved ones "
-                         f"({len(saved)}); build it on the same base model and LoRA config")
+                         f"({len(saved)}) of {path / _ADAPTER}; build it on the same base model and "
+                         "LoRA config")
+    device = current[next(iter(current))].device if current else None
+    head = load_head(path / "head", device=device)
+    if not isinstance(head, VBLLClassification):
+        raise FileFormatError(f"{path / 'head'} holds a {type(head).__name__}, not the classification "
+                              "head of a PolarVBLL; the folder is damaged")
     with torch.no_grad():
         for k, p in current.items():
             p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
     if hasattr(adapter, "write_to_peft"):
         adapter.write_to_peft()
-    meta = json.loads((path / _META).read_text())
-    device = current[next(iter(current))].device if current else None
-    scaled = _Scaled(features_fn, meta["config"].get("feature_scale", 1.0))
-    return PolarVBLL(adapter, load_head(path / "head", device=device), scaled,
-                     dropout=meta["dropout"], losses=meta["losses"], head_losses=meta["head_losses"],
+    return PolarVBLL(adapter, head, _Scaled(features_fn, scale), dropout=meta["dropout"],
+                     losses=meta["losses"], head_losses=meta["head_losses"],
                      fit_seconds=meta["fit_seconds"], config=meta["config"])
 
 
