@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FileFormatError", "write_json", "save_safetensors", "read_json", "read_safetensors", "check_field",
-           "atomic_folder", "inside"]
+__all__ = ["FileFormatError", "write_json", "save_safetensors", "read_json", "read_safetensors",
+           "check_field", "atomic_folder", "inside"]
 
 
 class FileFormatError(ValueError):
