@@ -279,6 +279,7 @@ class BayesianLoRA(PyroModule):
     def forward(self, *args, **kwargs):
         """Run the peft model on ``args, kwargs`` with drawn adapter matrices."""
         _check_finite(args, kwargs)
+        _check_dtypes(self._peft_model, args, kwargs)
         first = self.site_name(self.random_names[0])
         if _in_plate() and self._pyro_context.get(first) is None:
             raise RuntimeError(
@@ -354,3 +355,26 @@ def _check_finite(args, kwargs) -> None:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
             where = f"argument {i}" if i < len(args) else f"keyword {list(kwargs)[i - len(args)]!r}"
             raise ValueError(f"{where} contains NaN or inf; clean the inputs before the forward")
+
+
+def _check_dtypes(model: torch.nn.Module, args, kwargs) -> None:
+    """Floating inputs (``lora(x)``, ``inputs_embeds=``) must match the base weights' dtype, and a
+    plain ``nn.Linear`` cast to an integer dtype cannot run: say so before torch fails deep inside."""
+    inputs = [t for t in list(args) + [kwargs.get("inputs_embeds")]
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not inputs:
+        return
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if type(module) is torch.nn.Linear and isinstance(w, torch.Tensor):
+            break
+    else:
+        return
+    x = inputs[0]
+    if not w.is_floating_point():
+        raise ValueError(f"the base weight {name}.weight is {w.dtype}: a plain nn.Linear cast to an "
+                         "integer dtype cannot run; keep the base floating (quantised bases need "
+                         "their own layers, e.g. bitsandbytes via BitsAndBytesConfig)")
+    if x.dtype != w.dtype:
+        raise ValueError(f"the input is {x.dtype} but the base weights (e.g. {name}.weight) are "
+                         f"{w.dtype}; cast the input (x.to({w.dtype})) or the model to one dtype")

@@ -517,3 +517,13 @@ def test_categorical_likelihood_scales_minibatch():
     tr.compute_log_prob()
     want = torch.distributions.Categorical(logits=logits).log_prob(y).sum() * 100 / 4
     torch.testing.assert_close(tr.log_prob_sum(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
+def test_input_dtype_mismatch_and_integer_base_are_explained(dtype):
+    pm = mlp_peft()
+    base = pm.base_model.model[0].base_layer
+    base.weight.data = base.weight.data.to(dtype)
+    match = "integer dtype cannot run" if dtype == torch.int8 else f"input is torch.float32.*{dtype}"
+    with pytest.raises(ValueError, match=match):
+        BayesianLoRA(pm, prior=0.1)(X)
