@@ -364,13 +364,11 @@ def _check_dtypes(model: torch.nn.Module, args, kwargs) -> None:
               if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not inputs:
         return
-    for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if type(module) is torch.nn.Linear and isinstance(w, torch.Tensor):
-            break
-    else:
+    found = next(((n, m.weight) for n, m in model.named_modules()
+                  if type(m) is torch.nn.Linear and isinstance(m.weight, torch.Tensor)), None)
+    if found is None:
         return
-    x = inputs[0]
+    (name, w), x = found, inputs[0]
     if not w.is_floating_point():
         raise ValueError(f"the base weight {name}.weight is {w.dtype}: a plain nn.Linear cast to an "
                          "integer dtype cannot run; keep the base floating (quantised bases need "
