@@ -10,6 +10,7 @@ import pyro
 import pytest
 import torch
 from conftest import fake_finetune, mlp_peft, tiny_transformer, token_batch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pyro_llm import BayesianLoRA, EarlyStopping, FitResult, fit_map, fit_svi, likelihoods
@@ -77,11 +78,12 @@ def test_checkpoint_resume_is_exact(tmp_path, k1):
 def test_checkpoint_files_are_safetensors_and_json(tmp_path):
     pm, lora, model, loader = _svi_problem()
     res = _fit(model, loader, lora, max_steps=6, checkpoint=str(tmp_path), checkpoint_every=5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.safetensors"]  # one file: atomic
     raw = (tmp_path / "state.safetensors").read_bytes()
     assert raw[:1] != b"\x80"  # not a pickle stream
     tensors = load_file(str(tmp_path / "state.safetensors"))
-    meta = json.loads((tmp_path / "state.json").read_text())
+    with safe_open(str(tmp_path / "state.safetensors"), "pt") as fh:
+        meta = json.loads(fh.metadata()["meta"])
     assert meta["step"] == 6 and meta["losses"] == list(res.losses)
     assert set(meta["param_names"]) == set(res.params)
     for n in res.params:

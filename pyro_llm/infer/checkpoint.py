@@ -4,7 +4,7 @@
 tensors and the random-number states; its metadata holds the loop's record as JSON (step,
 position in the epoch, losses, early-stopping counters, the fit's fingerprint). One file
 written atomically means a crash leaves the previous checkpoint or the new one, never a mix.
-``state.json`` is a readable copy of that record, written after it; it is never read back.
+Read the record with ``safetensors.safe_open(path, "pt").metadata()["meta"]``.
 
 A checkpoint is written only when every tensor in it is finite, and read back only through
 :func:`pyro_llm._io.read_safetensors` with every field and shape checked; a checkpoint whose
@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import FileFormatError, check_field, read_safetensors, save_safetensors, write_json
+from .._io import FileFormatError, check_field, read_safetensors, save_safetensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step", "check_fingerprint", "sketch",
-           "describe_named", "STATE_FILE"]
+           "describe_named", "TENSORS"]
 
 TENSORS = "state.safetensors"
-STATE_FILE = "state.json"
 _WHAT = "fit checkpoint"
 _FIELDS = {"step": "int>=0", "epoch": "int>=0", "pos": "int>=0", "seconds": "float>=0",
            "losses": "list[float]", "val": "list", "best_value": "float|none",
@@ -112,7 +111,6 @@ def save_checkpoint(
                 rng_numpy=[int(np_state[2]), int(np_state[3]), float(np_state[4])])
     text = json.dumps(meta)
     save_safetensors(d / TENSORS, tensors, metadata={"meta": text})
-    write_json(d / STATE_FILE, meta, indent=None)
 
 
 def _read(d: Path, shapes: Mapping[str, Sequence[int]] | None = None):
