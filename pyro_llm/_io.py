@@ -15,6 +15,7 @@ fields' types, the tensors' names and shapes, and that every floating tensor is 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["FileFormatError", "write_json", "save_safetensors", "read_json", "read_safetensors",
-           "check_field", "atomic_folder", "inside"]
+           "check_field", "atomic_folder", "inside", "tensor_digest", "DIGEST"]
 
 
 class FileFormatError(ValueError):
@@ -52,14 +53,30 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file`` to ``path``, atomically."""
+    """``safetensors.torch.save_file`` to ``path``, atomically, with a digest of the tensors in
+    the metadata (``pyro_llm.digest``) that :func:`read_safetensors` checks."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    save_file(tensors, str(tmp), metadata=metadata)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={**(metadata or {}), DIGEST: tensor_digest(tensors)})
     _replace(tmp, path)
+
+
+DIGEST = "pyro_llm.digest"
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A blake2b digest of named tensors: names, dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- folders
@@ -185,6 +202,9 @@ def read_safetensors(path: str | os.PathLike, *, what: str,
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FileFormatError(f"{path} is not a readable safetensors file ({e}): the {what} is "
                               "damaged; delete it and save again") from None
+    if DIGEST in meta and tensor_digest(tensors) != meta.pop(DIGEST):
+        raise FileFormatError(f"{path}: the tensors do not match the digest written with them: the "
+                              f"{what} was damaged or edited after it was saved; delete it and save again")
     for key, shape in (expect or {}).items():
         if key not in tensors:
             raise FileFormatError(f"{path} lacks the tensor {key!r} of the {what}")
