@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from .metrics import as_labels
 from .posterior import Posterior, stack_draws
 
 with warnings.catch_warnings():
@@ -166,10 +167,9 @@ def to_arviz(draws, *, num_samples: int | None = None, lora=None, sample_probs=N
 def _prediction_groups(sample_probs, y, s: int, obs_name: str, seed: int) -> dict:
     out = {}
     if y is not None:
-        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
-        if y.dim() != 1 or y.is_floating_point() and (y != y.round()).any():
+        y = as_labels(y, "y")  # NaN (an unlabelled row) or fractions: an error naming the rows
+        if y.dim() != 1:
             raise ValueError(f"y must be a 1-d tensor of integer labels, got {tuple(y.shape)}")
-        y = y.long()
         out["observed_data"] = {obs_name: _np(y)}
     if sample_probs is None:
         return out

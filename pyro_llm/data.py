@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .metrics import as_labels
+
 __all__ = [
     "package_dir", "minilm_path", "smollm2_gguf", "rotten_tomatoes", "uk_commons", "debates_2016",
     "TextDataset", "collate", "split_indices",
@@ -189,14 +191,10 @@ class TextDataset(torch.utils.data.Dataset):
                              "drop or fill them before tokenising")
         self.labels = None
         if labels is not None:
-            y = torch.as_tensor(np.asarray(labels))
+            y = as_labels(labels)  # NaN (unlabelled rows) or fractions: an error naming the rows
             if y.shape != (len(texts),):
                 raise ValueError(f"labels must have shape ({len(texts)},) to match the texts, "
                                  f"got {tuple(y.shape)}")
-            if y.is_floating_point():
-                if not torch.isfinite(y).all() or (y != y.round()).any():
-                    raise ValueError("labels must be integer class indices (found NaN or fractions)")
-                y = y.long()
             if num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
                 raise ValueError(f"labels must lie in [0, {num_classes - 1}], got "
                                  f"[{int(y.min())}, {int(y.max())}]")

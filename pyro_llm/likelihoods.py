@@ -11,6 +11,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from .metrics import as_labels
+
 __all__ = ["categorical", "gaussian_regression"]
 
 
@@ -49,6 +51,8 @@ def categorical(name: str, logits: torch.Tensor, obs: torch.Tensor | None,
     if obs is not None:
         if obs.shape != (n,):
             raise ValueError(f"{name}: labels must have shape ({n},), got {tuple(obs.shape)}")
+        if obs.is_floating_point():
+            as_labels(obs, f"{name}: labels")  # NaN or fractions: an error naming the rows
         if obs.numel() and (int(obs.min()) < 0 or int(obs.max()) >= c):
             raise ValueError(f"{name}: labels must lie in [0, {c - 1}], got "
                              f"[{int(obs.min())}, {int(obs.max())}]")

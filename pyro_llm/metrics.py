@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "as_labels",
     "accuracy",
     "nll",
     "brier",
@@ -39,6 +40,36 @@ __all__ = [
 _EPS = 1e-12
 
 
+def as_labels(y, name: str = "labels") -> torch.Tensor:
+    """Integer class labels as a ``long`` tensor: a tensor, array or list of ints, of bools, or of
+    integral floats (a bfloat16 tensor too). NaN (an unlabelled row) and fractions are refused
+    with the rows at fault: a metric, or a dataset, needs a label for every row."""
+    if not isinstance(y, torch.Tensor):
+        import numpy as np
+
+        a = np.asarray(y)
+        if a.dtype == object:  # e.g. a pandas column of True/False, or of numbers and None
+            try:
+                a = a.astype(float)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be integer class indices, got values such as "
+                                 f"{a.reshape(-1)[:3].tolist()}; map class names to 0..C-1 first") from None
+        y = torch.as_tensor(a)
+    if y.is_floating_point():
+        y = y.detach().double().cpu()
+        missing = torch.nonzero(torch.isnan(y).reshape(-1)).reshape(-1)
+        if missing.numel():
+            raise ValueError(f"{name} must be integer class indices, but rows {missing[:5].tolist()} "
+                             f"({missing.numel()} in all) hold NaN (unlabelled rows?); every row needs a "
+                             "label here: keep only the labelled rows, e.g. keep = ~torch.isnan(y), "
+                             "then accuracy(probs[keep], y[keep])")
+        bad = torch.nonzero((~torch.isfinite(y) | (y != y.round())).reshape(-1)).reshape(-1)
+        if bad.numel():
+            raise ValueError(f"{name} must be integer class indices; row {int(bad[0])} holds "
+                             f"{float(y.reshape(-1)[bad[0]])}")
+    return y.long()
+
+
 def _check(probs: torch.Tensor, y: torch.Tensor | None = None) -> None:
     if probs.dim() != 2:
         raise ValueError(f"probs must have shape (N, C), got {tuple(probs.shape)}")
@@ -51,6 +82,7 @@ def _check(probs: torch.Tensor, y: torch.Tensor | None = None) -> None:
             raise ValueError(
                 f"labels must have shape ({probs.shape[0]},) to match probs, got {tuple(y.shape)}"
             )
+        y = as_labels(y)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= probs.shape[1]):
             raise ValueError(
                 f"labels must lie in [0, {probs.shape[1] - 1}], got range "

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .metrics import aurc, ece, entropy, mutual_information, reliability_bins, selective_accuracy
+from .metrics import as_labels, aurc, ece, entropy, mutual_information, reliability_bins, selective_accuracy
 
 __all__ = ["reliability_diagram", "elbo_trace", "selective_prediction", "entropy_mi_scatter",
            "stable_rank_plot"]
@@ -69,7 +69,7 @@ def reliability_diagram(
     """
     if not probs_by_method:
         raise ValueError("probs_by_method is empty: give at least one {name: (N, C) probs}")
-    y = torch.as_tensor(y).long().cpu()
+    y = as_labels(y).cpu()
     fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
@@ -200,7 +200,7 @@ def selective_prediction(
     """
     if not probs_by_method:
         raise ValueError("probs_by_method is empty: give at least one {name: probs}")
-    y = torch.as_tensor(y).long().cpu()
+    y = as_labels(y).cpu()
     split = {n: _mean_and_samples(p, n) for n, p in probs_by_method.items()}
     if min_kept < 1:
         raise ValueError(f"min_kept must be >= 1, got {min_kept}")
@@ -269,7 +269,7 @@ def entropy_mi_scatter(
                          "reliability_diagram")
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
-    y = torch.as_tensor(y).long().cpu()
+    y = as_labels(y).cpu()
     probs = sample_probs.mean(0)
     correct = probs.argmax(-1) == y if y.shape == probs.shape[:1] else None
     if correct is None:

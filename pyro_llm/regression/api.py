@@ -13,7 +13,7 @@ import torch
 from .design import Design, build_design
 from .dr import labelling_probabilities
 from .methods import run_baseline, run_dr, run_joint, run_mi
-from .outputs import LLMOutputs, insample_check, llm_outputs
+from .outputs import LLMOutputs, as_array, insample_check, llm_outputs
 from .result import RegressionResult
 
 __all__ = ["METHODS", "llm_outputs", "measurement_input", "regress"]
@@ -74,7 +74,7 @@ def _cluster(df: pd.DataFrame, cluster) -> np.ndarray | None:
 def _spread(df: pd.DataFrame, spread, out: LLMOutputs) -> LLMOutputs:
     if spread is None:
         return out
-    values = np.asarray(df[spread] if isinstance(spread, str) else spread, dtype=float).reshape(-1)
+    values = as_array(df[spread] if isinstance(spread, str) else spread, "spread=").astype(float).reshape(-1)
     if values.shape != (len(df),) or not np.isfinite(values).all() or (values < 0).any():
         raise ValueError(f"spread= must give one finite non-negative posterior spread per row ({len(df)})")
     return LLMOutputs(out.labels, out.scores, out.draws, out.probs, values)

@@ -9,6 +9,7 @@ with formulaic, so ``C(region)``, interactions with the coded variable and trans
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,25 @@ def _plain(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _object_label(col: pd.Series, labelled: np.ndarray, label: str) -> pd.Series:
+    """An object column of True/False (or of numbers) read as the boolean (numeric) column it
+    stands for, with a warning; other object columns (strings, mixed) are left as categories."""
+    values = col[labelled]
+    if all(isinstance(v, (bool, np.bool_)) for v in values):
+        held, read, fix = "True/False", "a boolean column (classes False, True)", "astype('boolean')"
+        out = col.where(labelled, None).astype("boolean")
+    elif all(isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
+             for v in values):
+        held, read, fix = "numbers", "a numeric column", "astype(float)"
+        out = pd.to_numeric(col.where(labelled, np.nan))
+    else:
+        return col
+    warnings.warn(f"label column {label!r} has dtype object holding {held}; it was read as {read}. "
+                  f"Convert it first (df[{label!r}].{fix}) to silence this warning", UserWarning,
+                  stacklevel=4)
+    return out
+
+
 def _standardise(cols: np.ndarray) -> np.ndarray:
     sd = cols.std(0)
     return (cols - cols.mean(0)) / np.where(sd > 0, sd, 1.0)
@@ -141,6 +161,8 @@ def build_design(df: pd.DataFrame, formula: str, *, label: str, role: str = "cov
             raise ValueError(f"text column {text!r} has {int(empty.sum())} empty or missing entries "
                              f"(first at row {int(np.flatnonzero(empty.to_numpy())[0])}); drop those rows")
     labelled = df[label].notna().to_numpy()
+    if df[label].dtype == object and labelled.any():
+        df = df.assign(**{label: _object_label(df[label], labelled, label)})
     if not labelled.any():
         raise ValueError(f"label column {label!r} has no labelled rows; label a random subset of the "
                          "corpus with the gold value and leave the rest missing")
@@ -163,8 +185,10 @@ def build_design(df: pd.DataFrame, formula: str, *, label: str, role: str = "cov
         mm = model_matrix(formula, filled)
         spec, y = mm.rhs.model_spec, mm.lhs.to_numpy(dtype=float).reshape(-1)
 
-        def at(value):
-            return spec.get_model_matrix(filled.assign(**{label: [value] * len(df)})).to_numpy(dtype=float)
+        def at(value):  # an object column stays one, so that formulaic encodes it as it did above
+            column = pd.Series([value] * len(df), index=filled.index,
+                               dtype=object if filled[label].dtype == object else None)
+            return spec.get_model_matrix(filled.assign(**{label: column})).to_numpy(dtype=float)
 
         X_by_class = np.stack([at(c) for c in levels])
         affine = X_by_class[0] + 2 * (X_by_class[1] - X_by_class[0])

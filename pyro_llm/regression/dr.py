@@ -35,6 +35,7 @@ import numpy as np
 
 from .calibration import Completion, hermite_nodes
 from .design import Design, build_design
+from .outputs import as_array
 
 __all__ = ["DRFit", "bootstrap_draws", "combine_splits", "dr_solve", "efficiency_bound", "fit_dr",
            "labelling_probabilities", "node_design"]
@@ -254,7 +255,7 @@ def labelling_probabilities(prob, df, design: Design) -> np.ndarray:
     n = len(design.labelled)
     if prob is None:
         return np.full(n, design.labelled.mean())
-    p = np.asarray(df[prob] if isinstance(prob, str) else prob, dtype=float).reshape(-1)
+    p = as_array(df[prob] if isinstance(prob, str) else prob, "prob=").astype(float).reshape(-1)
     if p.shape != (n,):
         raise ValueError(f"prob= must give one labelling probability per row ({n}); got shape {p.shape}")
     bad = ~np.isfinite(p) | (p <= 0) | (p > 1)

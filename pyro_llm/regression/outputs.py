@@ -13,7 +13,7 @@ import torch
 
 from .design import Design
 
-__all__ = ["KINDS", "LLMOutputs", "insample_check", "llm_outputs"]
+__all__ = ["KINDS", "LLMOutputs", "insample_check", "llm_outputs", "as_array"]
 
 KINDS = ("auto", "probs", "logits", "log_odds", "labels")
 RENORM_TOL = 0.05   # probability rows off by less than this are renormalised (with a warning)
@@ -35,6 +35,23 @@ class LLMOutputs:
     draws: np.ndarray | None
     probs: np.ndarray | None = None
     spread: np.ndarray | None = None
+
+
+def as_array(x, name: str = "predictions") -> np.ndarray:
+    """``x`` as a numpy array: a torch tensor (any device or dtype), or a list / tuple of them
+    (one per row), is stacked and moved to the CPU. Half precision (``bfloat16``, ``float16``) is
+    legal and upcast to float32 with a warning: it keeps about 3 significant digits."""
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        x = torch.stack([t.detach().cpu() for t in x])
+    if not isinstance(x, torch.Tensor):
+        return np.asarray(x)
+    x = x.detach().cpu()
+    if x.dtype in (torch.bfloat16, torch.float16):
+        warnings.warn(f"{name} are {str(x.dtype).replace('torch.', '')}: upcast to float32 (half precision "
+                      "keeps about 3 significant digits, so probabilities near 0 or 1 are coarse; return "
+                      "float32 from the model where you can)", UserWarning, stacklevel=4)
+        x = x.float()
+    return x.numpy()
 
 
 def _aligned(predictions, index: pd.Index | None):
@@ -112,9 +129,7 @@ def llm_outputs(predictions, design: Design, predictions_kind: str = "auto",
         raise ValueError(f"predictions_kind must be one of {KINDS}, got {predictions_kind!r}")
     n, k = len(design.labelled), design.num_classes
     predictions = _aligned(predictions, index)
-    if isinstance(predictions, torch.Tensor):
-        predictions = predictions.detach().float().cpu().numpy()
-    arr = np.asarray(predictions)
+    arr = as_array(predictions)
     if design.kind == "continuous":
         return _continuous_outputs(arr, n)
     if arr.ndim == 0 or arr.ndim > 3 or arr.shape[-2 if arr.ndim > 1 else 0] != n:
