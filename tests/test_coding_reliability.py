@@ -12,6 +12,7 @@ import shutil
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -254,3 +255,180 @@ def test_a_laplace_fingerprint_changes_with_prior_precision_curvature_and_map():
     other_map = laplace()
     other_map.map["head"].add_(1)
     assert fp(other_map) != base
+
+
+# ---------------------------------------------------------------------------- 12: labels, predictions
+def b1(seed: int = 0, N: int = 300, n: int = 100):
+    """z binary, y = 1 + z + 0.5 q + noise; the first n rows labelled; (N, 2) probabilities."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=N)
+    z = rng.random(N) < 0.5
+    y = 1 + z + 0.5 * q + rng.normal(size=N)
+    p1 = 1 / (1 + np.exp(-(2 * (2 * z - 1) + rng.normal(size=N))))
+    lab = np.arange(N) < n
+    return pd.DataFrame({"y": y, "q": q}), z, lab, np.stack([1 - p1, p1], 1)
+
+
+def fit(df, probs, **kw):
+    from pyro_llm.regression import regress
+
+    return regress(df, "y ~ z + q", label="z", predictions=probs, num_draws=0, splits=2,
+                   progress=False, **kw)
+
+
+def test_nan_marks_the_unlabelled_rows_of_the_label_column():
+    """regress: a missing label (NaN, None, pd.NA) is an unlabelled row, whatever the dtype."""
+    df, z, lab, P = b1()
+    as_float = fit(df.assign(z=np.where(lab, z.astype(float), np.nan)), P)
+    assert as_float.info["n_labelled"] == lab.sum() and as_float.info["n"] == len(df)
+    for col in (pd.array(np.where(lab, z.astype(int), None), dtype="Int64"),
+                pd.array(np.where(lab, z, None), dtype="boolean")):
+        np.testing.assert_allclose(fit(df.assign(z=col), P).coef, as_float.coef, rtol=1e-10)
+
+
+def test_nan_labels_outside_regress_name_the_rows():
+    from pyro_llm import metrics
+    from pyro_llm.data import TextDataset
+    from pyro_llm.likelihoods import categorical
+
+    probs, y = torch.softmax(torch.randn(4, 2), -1), torch.tensor([0.0, 1.0, float("nan"), 1.0])
+    for f in (metrics.accuracy, metrics.nll, metrics.summarize):
+        with pytest.raises(ValueError, match=r"rows \[2\] \(1 in all\) hold NaN .*keep only the labelled"):
+            f(probs, y)
+    with pytest.raises(ValueError, match=r"labels must be integer class indices, but rows \[0\]"):
+        TextDataset(["w2 w3", "w4", "w5 w6"], tokenizer(), labels=[np.nan, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"label: labels .* rows \[2\]"):
+        categorical("label", torch.zeros(4, 2), y, 4, torch.arange(4))
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, 50)}},
+                                    unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def objects(z, lab, f) -> pd.Series:
+    """An object column: ``f(z)`` on the labelled rows, None elsewhere."""
+    return pd.Series([f(v) if ok else None for v, ok in zip(z, lab, strict=True)], dtype=object)
+
+
+def test_an_object_column_of_true_false_is_a_boolean_label():
+    from pyro_llm.data import TextDataset
+    from pyro_llm.regression import regress
+
+    df, z, lab, P = b1()
+    ref = fit(df.assign(z=pd.array(np.where(lab, z, None), dtype="boolean")), P)
+    obj = objects(z, lab, bool)
+    with pytest.warns(UserWarning, match="'z' has dtype object holding True/False; it was read as a "
+                                         "boolean column"):
+        got = fit(df.assign(z=obj), P)
+    np.testing.assert_allclose(got.coef, ref.coef, rtol=1e-10)
+    assert got.info["classes"] == (False, True)
+    with pytest.warns(UserWarning, match="dtype object holding numbers"):  # ints and None
+        ints = fit(df.assign(z=objects(z, lab, int)), P)
+    np.testing.assert_allclose(ints.coef, ref.coef, rtol=1e-10)
+    mixed = objects(z, lab, lambda v: 1 if v else "no")
+    assert np.isfinite(fit(df.assign(z=mixed), P).coef).all()  # categories of mixed types
+    with pytest.warns(UserWarning, match="holding True/False"):  # the outcome role as well
+        regress(df.assign(z=obj), "z ~ q", label="z", role="outcome", predictions=P, num_draws=0,
+                splits=2, progress=False)
+    ds = TextDataset(["w2 w3", "w4", "w5 w6"], tokenizer(),
+                     labels=np.array([True, False, True], dtype=object))
+    assert ds.labels.tolist() == [1, 0, 1]
+
+
+def test_bfloat16_predictions_are_upcast_with_a_warning():
+    from pyro_llm.data import TextDataset
+
+    df, z, lab, P = b1()
+    df = df.assign(z=np.where(lab, z.astype(float), np.nan))
+    T = torch.tensor(P, dtype=torch.float32).bfloat16()
+    ref = fit(df, T.float().numpy() / T.float().numpy().sum(1, keepdims=True))
+    for preds in (T, list(T), tuple(T)):  # a tensor, or one tensor per row
+        with pytest.warns(UserWarning, match="predictions are bfloat16: upcast to float32"):
+            np.testing.assert_allclose(fit(df, preds).coef, ref.coef, rtol=1e-6)
+    with pytest.warns(UserWarning, match="spread= are bfloat16"):
+        fit(df, P, spread=torch.full((len(df),), 0.5).bfloat16())
+    with pytest.warns(UserWarning, match="prob= are bfloat16"):
+        weighted = fit(df, P, prob=torch.full((len(df),), 0.25).bfloat16())
+    np.testing.assert_allclose(weighted.coef, fit(df, P, prob=np.full(len(df), 0.25)).coef, rtol=1e-6)
+    ds = TextDataset(["w2 w3", "w4", "w5 w6"], tokenizer(), labels=torch.tensor([1.0, 0.0, 1.0]).bfloat16())
+    assert ds.labels.tolist() == [1, 0, 1]
+
+
+# ---------------------------------------------------------------------------- regression cache files
+def crossfit(tmp_path, posterior: str = "map", quiet: bool = True):
+    from conftest import tiny_transformer
+
+    from pyro_llm.regression.coding import FineTune, code_crossfit
+
+    g = np.random.default_rng(0)
+    y = np.arange(20) % 2
+    texts = [" ".join([f"w{3 if y[i] else 4}", *(f"w{int(w)}" for w in g.integers(5, 50, size=4))])
+             for i in range(20)]
+    labels = np.where(np.arange(20) < 14, y, -1)
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        return code_crossfit(texts, labels, model=tiny_transformer("bert", 0)[0], tokenizer=tokenizer(),
+                             posterior=posterior, folds=2, num_samples=3, max_length=16,
+                             cache_dir=tmp_path, progress=False,
+                             train=FineTune(epochs=1, lr=1e-2, batch_size=8, patience=1,
+                                            val_fraction=0.25, min_steps=0))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / "key.json").write_text('{"format": '), r"key.json is not valid JSON.*new cache_dir"),
+    (lambda d: edit_json(d / "fold_0" / "fold.json", accuracy="high"),
+     r"fold_0/fold.json: field 'accuracy' is 'high'.*delete .*fold_0"),
+    (lambda d: edit_json(d / "fold_1" / "fold.json", fit={"epochs_run": 1.0}),
+     r"fold_1/fold.json lacks the field 'fit.best_epoch'|fold_1/fold.json: field 'fit.best_epoch'"),
+    (lambda d: ((d / "fold_0" / "fold.json").unlink(), truncate(d / "fold_0" / "adapter" /
+                                                               "adapter_model.safetensors")),
+     r"adapter_model.safetensors is not a readable safetensors file.*delete its fold folder"),
+    (lambda d: ((d / "fold_0" / "fold.json").unlink(), edit_json(d / "fold_0" / "fit.json", seconds=-1)),
+     r"fold_0/fit.json: field 'seconds' is -1"),
+])
+def test_a_damaged_crossfit_cache_file_is_named(tmp_path, damage, match):
+    crossfit(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(FileFormatError, match=match):
+        crossfit(tmp_path)
+
+
+def test_a_finished_fold_missing_a_coded_shard_codes_it_again_without_refitting(tmp_path, monkeypatch):
+    from pyro_llm.regression import finetune
+
+    ref = crossfit(tmp_path / "ref")
+    crossfit(tmp_path / "run")
+    (tmp_path / "run" / "fold_0" / "coded" / "shard-00000.safetensors").unlink()
+    monkeypatch.setattr(finetune, "finetune", lambda *a, **k: pytest.fail("refitted"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = crossfit(tmp_path / "run", quiet=False)
+    said = " ".join(str(w.message) for w in caught)
+    assert "shard-00000.safetensors" in said and "fold 0 is coded again" in said
+    np.testing.assert_array_equal(again.probs, ref.probs)
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-9])
+
+
+def test_damaged_svi_draws_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    crossfit(tmp_path, "svi")
+    (tmp_path / "fold_0" / "fold.json").unlink()  # the fold is resumed from its saved files
+    f = tmp_path / "fold_0" / "svi" / "draws.safetensors"
+    save_file({k: v for k, v in load_file(str(f)).items() if not k.startswith("draw1/")}, str(f))
+    with pytest.raises(FileFormatError, match=r"draws.safetensors: its 3 draws do not all hold the same"):
+        crossfit(tmp_path, "svi")

@@ -36,13 +36,13 @@ shard); a rerun with a different key is *refused* with an error naming what diff
 ``save_pretrained`` of the fine-tuned adapter) and ``fit.json``, the posterior
 (``laplace/``, ``ensemble/`` or ``svi/``), ``coded/`` (:func:`pyro_llm.code_corpus` shards)
 and, once done, ``fold.json``. A fold interrupted while fine-tuning starts its fine-tuning
-again (so that a resumed run equals an uninterrupted one); one interrupted while coding
-resumes at its last finished shard.
+again (so that a resumed run equals an uninterrupted one); one interrupted while coding, or
+finished but missing a coded shard, resumes from its saved adapter and posterior. A damaged
+cache file is an error naming it (:func:`.coding_cache.read_record`).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -57,7 +57,7 @@ import pyro.util
 import torch
 from tqdm.auto import tqdm
 
-from .._io import write_json
+from .._io import FileFormatError, write_json
 from ..stream import code_corpus, load_coded
 from . import coding_cache as cache
 from . import coding_inputs as inputs
@@ -314,9 +314,17 @@ class _Run:
         done = d / "fold.json"
         rows = np.flatnonzero(self.ids == k)
         if done.exists() and (d / "coded").exists():
-            rec = {**json.loads(done.read_text()), "resumed": True}
-            probs, spread = self._read(d, rows)
-            return rec, probs, spread
+            rec = cache.read_record(done, "cross-fitting fold record", cache.FOLD_FIELDS,
+                                    f"delete {d} and run again (the other folds are kept)")
+            if rec["fold"] != k:
+                raise FileFormatError(f"{done}: field 'fold' is {rec['fold']}, expected {k}; the fold "
+                                      f"record is damaged: delete {d} and run again")
+            try:
+                probs, spread = self._read(d, rows)
+                return {**rec, "resumed": True}, probs, spread
+            except (FileNotFoundError, FileFormatError) as e:  # a shard lost: code it again
+                warnings.warn(f"code_crossfit: {e}; fold {k} is coded again from its saved adapter and "
+                              "posterior (its other shards are kept)", UserWarning, stacklevel=3)
         train_rows = np.flatnonzero((self.y >= 0) & (self.ids != k))
         texts = [self.texts[i] for i in train_rows]
         labels = self.y[train_rows]
@@ -378,8 +386,9 @@ def _fit_or_load(model, tok, texts, labels, train, d: Path, *, K, max_length, se
     """Fine-tune ``model`` and save its adapter under ``d``, or load the adapter saved there."""
     f = d / "fit.json"
     if f.exists() and (d / "adapter").exists():
+        rec = cache.read_record(f, "fine-tuning record", cache.FIT_FIELDS, f"delete {d} and run again")
         cache.load_adapter(model, d / "adapter")
-        return {**json.loads(f.read_text()), "resumed": True}
+        return {**rec, "resumed": True}
     rec = ft.finetune(model, tok, texts, labels, train, num_classes=K, max_length=max_length,
                       seed=seed, progress=progress, downstream=downstream)
     cache.save_adapter(model, d / "adapter")

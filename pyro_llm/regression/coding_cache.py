@@ -6,6 +6,11 @@ SHA-256 digests: of the base model's tensors (every parameter and buffer that is
 adapter), of the tokenizer (its class, vocabulary, padding and a probe text's ids), of the texts
 (length-prefixed UTF-8) and of integer arrays (labels, fold ids). Adapters are saved with peft's
 ``save_pretrained`` into a temporary folder that then replaces the target.
+
+Every cache file is read back through :mod:`pyro_llm._io`'s validated readers
+(:func:`read_record` for the JSON records, :func:`load_adapter` for the adapters), so a damaged
+or tampered file is a :class:`~pyro_llm._io.FileFormatError` naming the file, the field and
+what to delete.
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import write_json
+from .._io import FileFormatError, check_field, read_json, read_safetensors, write_json
 
 __all__ = ["model_fingerprint", "tokenizer_fingerprint", "texts_fingerprint", "array_fingerprint",
-           "open_cache", "save_adapter", "load_adapter"]
+           "open_cache", "save_adapter", "load_adapter", "read_record", "FIT_FIELDS", "FOLD_FIELDS"]
+
+# fields of the cache's records that a rerun reads, checked by read_record
+FIT_FIELDS = {"epochs_run": "float>=0", "best_epoch": "int>=0|none", "seconds": "float>=0"}
+FOLD_FIELDS = {"fold": "int>=0", "accuracy": "float>=0", "one_class": "bool", "seconds": "float>=0",
+               **{f"fit.{k}": v for k, v in FIT_FIELDS.items()}}
 
 
 def _hash_bytes(h, b: bytes) -> None:
@@ -85,7 +95,8 @@ def open_cache(root: Path, key: dict) -> None:
     a ``ValueError`` naming every entry that differs."""
     f = root / "key.json"
     if f.exists():
-        old = json.loads(f.read_text())
+        old = read_record(f, "cross-fitting cache key", {"format": "str", "version": "int"},
+                          f"pass a new cache_dir, or delete {root} to start over")
         diff = [k for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)]
         if diff:
             said = "; ".join(f"{k}: cached {old.get(k)!r:.80} vs now {key.get(k)!r:.80}" for k in diff)
@@ -112,15 +123,41 @@ def save_adapter(model, path: Path) -> None:
 
 
 def load_adapter(model, path: Path) -> None:
-    """Load a :func:`save_adapter` folder's weights into ``model`` (same adapter config)."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    """Load a :func:`save_adapter` folder's weights into ``model`` (same adapter config), each
+    tensor checked against the model's adapter (names, shapes, finite values)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    files = sorted(Path(path).glob("adapter_model.safetensors"))
-    if not files:
+    f = Path(path) / "adapter_model.safetensors"
+    if not f.is_file():
         raise FileNotFoundError(f"{path} holds no adapter_model.safetensors; delete its fold folder "
-                                "and run again")
-    out = set_peft_model_state_dict(model, load_file(str(files[0])))
-    missing = [n for n in getattr(out, "unexpected_keys", [])]
-    if missing:
-        raise ValueError(f"the adapter in {path} does not fit the model (unexpected {missing[:3]})")
+                                f"{Path(path).parent} and run again")
+    expect = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    try:
+        tensors, _ = read_safetensors(f, what="fold adapter", expect=expect)
+    except FileFormatError as e:
+        raise FileFormatError(f"{e}; delete its fold folder {Path(path).parent} and run again") from None
+    extra = sorted(set(tensors) - set(expect))
+    if extra:
+        raise FileFormatError(f"{f} holds tensors {extra[:3]} that the model's adapter lacks: it was "
+                              f"saved for another model; delete its fold folder {Path(path).parent} "
+                              "and run again")
+    set_peft_model_state_dict(model, tensors)
+
+
+def read_record(path: Path, what: str, fields: dict[str, str], fix: str) -> dict:
+    """A JSON record of the cache through :func:`pyro_llm._io.read_json`; ``fields`` may name
+    fields of a nested object (``"fit.seconds"``). A damaged file raises a ``FileFormatError``
+    naming the file and field, ending with ``fix`` (what to delete)."""
+    try:
+        rec = read_json(path, what=what, fields={k: v for k, v in fields.items() if "." not in k})
+        for key, spec in fields.items():
+            if "." in key:
+                outer, inner = key.split(".", 1)
+                obj = rec.get(outer)
+                if not isinstance(obj, dict) or inner not in obj or not check_field(obj[inner], spec):
+                    got = obj.get(inner, "missing") if isinstance(obj, dict) else "missing"
+                    raise FileFormatError(f"{path}: field {key!r} is {got!r:.60}, expected {spec}; the "
+                                          f"{what} is damaged")
+    except FileFormatError as e:
+        raise FileFormatError(f"{e}; {fix}") from None
+    return rec

@@ -108,11 +108,12 @@ def num_labels_of(model) -> int | None:
 def _lora_targets(path: Path) -> tuple[str, ...]:
     """peft's default LoRA target modules for the folder's ``model_type`` (query and value
     projections), or a clear error for an architecture peft does not know."""
-    import json
-
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
 
-    kind = json.loads((path / "config.json").read_text()).get("model_type")
+    from .._io import read_json
+
+    kind = read_json(path / "config.json", what="Hugging Face model config",
+                     fields={"model_type": "str"})["model_type"]
     extra = {"distilbert": ["q_lin", "v_lin"]}
     found = targets.get(kind) or extra.get(kind)
     if not found:

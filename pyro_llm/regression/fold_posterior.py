@@ -17,7 +17,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from .._io import save_safetensors, write_json
+from .._io import FileFormatError, read_safetensors, save_safetensors, write_json
 from ..infer import fit_laplace, fit_svi, load_laplace, scale_lr
 from ..infer.ensemble import EnsemblePosterior
 from ..infer.laplace import last_layer_names
@@ -25,6 +25,7 @@ from ..likelihoods import categorical
 from ..lora import BayesianLoRA
 from ..posterior import GuidePosterior
 from ..predictors import map_predictor, method_predictor, posterior_predictor
+from . import coding_cache as cache
 from . import finetune as ft
 
 __all__ = ["predictor_for", "laplace_draws", "ENSEMBLE_MEMBERS", "LAPLACE_MIN_DRAWS",
@@ -39,10 +40,18 @@ LAPLACE_FULL_MAX = 10_000  # a head up to this many parameters gets a dense curv
 SVI = dict(prior=0.1, select="B", epochs=2, lr=1e-4, scale_lr=3e-2, init_scale=1e-2)
 
 
-def _json(path: Path):
-    import json
+def _record(path: Path, what: str, fields: dict):
+    """The saved record at ``path`` (checked field by field), or ``None`` when there is none."""
+    if not path.exists():
+        return None
+    return cache.read_record(path, what, fields, f"delete {path.parent} and run again")
 
-    return json.loads(path.read_text()) if path.exists() else None
+
+def _tensors(path: Path, what: str, expect=None) -> dict[str, torch.Tensor]:
+    try:
+        return read_safetensors(path, what=what, expect=expect)[0]
+    except FileFormatError as e:
+        raise FileFormatError(f"{e}; delete {path.parent.parent} and run again") from None
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
@@ -91,7 +100,8 @@ def _laplace(model, tok, texts, labels, train, d, max_length, num_samples, seed,
     names = last_layer_names(model)
     size = sum(model.get_parameter(n).numel() for n in names)
     structure = "full" if size <= LAPLACE_FULL_MAX else "diag"
-    rec = _json(marker)
+    rec = _record(marker, "Laplace record", {"structure": "str", "sites": "list[str]",
+                                             "seconds": "float>=0"})
     if rec is None or not path.exists():
         t0 = time.perf_counter()
         data = _train_loader(model, texts, labels, tok, max_length, train.batch_size)
@@ -113,13 +123,11 @@ def _laplace(model, tok, texts, labels, train, d, max_length, num_samples, seed,
 def _ensemble(model, tok, texts, labels, train, d, K, max_length, seed, progress):
     """Member 0 is ``model`` (the MAP fit); members 1.. are fresh adapters fine-tuned from other
     seeds on the same rows, each saved as it finishes."""
-    from safetensors.torch import load_file
-
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     members, recs = [{n: model.get_parameter(n).detach().clone() for n in names}], []
     for m in range(1, ENSEMBLE_MEMBERS):
         f, meta = d / "ensemble" / f"member_{m}.safetensors", d / "ensemble" / f"member_{m}.json"
-        rec = _json(meta)
+        rec = _record(meta, f"ensemble member {m}'s fine-tuning record", cache.FIT_FIELDS)
         if rec is None or not f.exists():
             member = ft.fresh_adapter(model, seed + 7919 * m)
             rec = ft.finetune(member, tok, texts, labels, train, num_classes=K, max_length=max_length,
@@ -127,7 +135,8 @@ def _ensemble(model, tok, texts, labels, train, d, K, max_length, seed, progress
             save_safetensors(f, {n: member.get_parameter(n).detach().contiguous() for n in names})
             write_json(meta, rec)
             del member
-        values = load_file(str(f))
+        values = _tensors(f, f"ensemble member {m}",
+                          {n: tuple(model.get_parameter(n).shape) for n in names})
         members.append({n: values[n] for n in names})
         recs.append(rec)
     ens = EnsemblePosterior(members, peft_model=model)
@@ -138,10 +147,8 @@ def _ensemble(model, tok, texts, labels, train, d, K, max_length, seed, progress
 def _svi(model, tok, texts, labels, train, d, max_length, num_samples, seed, progress):
     """Bayesian LoRA by SVI from the MAP adapter; the draws and the fitted point estimates (the
     head) are saved, so prediction (first run or rerun) reads them from the same files."""
-    from safetensors.torch import load_file
-
     f, marker = d / "svi" / "draws.safetensors", d / "svi.json"
-    rec = _json(marker)
+    rec = _record(marker, "SVI record", {"seconds": "float>=0", "steps": "int>=0"})
     store = pyro.get_param_store()
     if rec is None or not f.exists():
         t0 = time.perf_counter()
@@ -166,20 +173,46 @@ def _svi(model, tok, texts, labels, train, d, max_length, num_samples, seed, pro
         save_safetensors(f, tensors)
         rec = {"seconds": time.perf_counter() - t0, "steps": fit.steps, **SVI}
         write_json(marker, rec)
-    t = load_file(str(f))
+    t = _tensors(f, "SVI posterior draws")
+    draws = _svi_draws(f, t, model, num_samples)
     with torch.no_grad():
         for k, v in t.items():
             if k.startswith("fixed/"):
                 model.get_parameter(k[len("fixed/"):]).copy_(v)
-    draws = [{} for _ in range(num_samples)]
-    for k, v in t.items():
-        if k.startswith("draw"):
-            i, name = k[len("draw"):].split("/", 1)
-            draws[int(i)][name] = v
     lora = BayesianLoRA(model, prior=SVI["prior"], select=SVI["select"])
     fn = posterior_predictor(lora, draws, tok, max_length=max_length,
                              logits_fn=lambda m, b: ft.class_logits(m, b))
     return _scoped(fn), "draws", rec
+
+
+def _svi_draws(f: Path, t: dict, model, num_samples: int) -> list[dict[str, torch.Tensor]]:
+    """The ``num_samples`` draws saved in ``t``, checked: draws ``0..S-1`` with the same sites and
+    shapes, and point estimates (``fixed/``) that are parameters of ``model`` of their shape."""
+    draws: list[dict] = [{} for _ in range(num_samples)]
+    bad = None
+    for k, v in t.items():
+        if k.startswith("fixed/"):
+            try:
+                p = model.get_parameter(k[len("fixed/"):])
+            except AttributeError:
+                p = None
+            if p is None or p.shape != v.shape:
+                bad = f"the point estimate {k!r} does not fit the model"
+        elif k.startswith("draw") and "/" in k and k[4:].split("/", 1)[0].isdigit():
+            i, name = k[len("draw"):].split("/", 1)
+            if int(i) >= num_samples:
+                bad = f"draw {i} lies beyond num_samples={num_samples}"
+            else:
+                draws[int(i)][name] = v
+        else:
+            bad = f"the tensor {k!r} is neither a draw nor a point estimate"
+    first = {n: v.shape for n, v in draws[0].items()}
+    if bad is None and (not first or any({n: v.shape for n, v in dr.items()} != first for dr in draws)):
+        bad = f"its {num_samples} draws do not all hold the same sites and shapes"
+    if bad:
+        raise FileFormatError(f"{f}: {bad}; the SVI posterior is damaged: delete {f.parent.parent} and "
+                              "run again")
+    return draws
 
 
 def _scoped(fn):
