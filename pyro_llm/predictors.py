@@ -86,6 +86,12 @@ def _bound_modules(fn, depth: int = 3) -> list[torch.nn.Module]:
         if id(x) in seen or d < 0 or x is None or isinstance(x, (str, bytes, int, float, bool)):
             return
         seen.add(id(x))
+        try:
+            look(x, d)
+        except Exception:  # an object whose attributes cannot be read safely: not followed
+            pass
+
+    def look(x, d):
         if isinstance(x, torch.nn.Module):
             found.append(x)
             peft = getattr(type(x), "peft_model", None)  # a BayesianLoRA keeps its peft model aside
