@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import datetime
-import json
 import math
-import os
 import socket
 import tempfile
 import time
@@ -15,6 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .._io import read_json, read_safetensors, save_safetensors, write_json
 
 __all__ = ["launch", "free_port"]
 
@@ -28,8 +28,6 @@ def free_port() -> int:
 
 def _worker(r: int, fn, world: int, backend: str, port: int, args, out: str, timeout: float,
             threads: int) -> None:
-    from safetensors.torch import save_file
-
     torch.set_num_threads(threads)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
@@ -44,8 +42,8 @@ def _worker(r: int, fn, world: int, backend: str, port: int, args, out: str, tim
                         f"got {type(result).__name__}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in result.items() if isinstance(v, torch.Tensor)}
     rest = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
-    save_file(tensors, os.path.join(out, f"rank{r}.safetensors"))
-    Path(out, f"rank{r}.json").write_text(json.dumps(rest))
+    save_safetensors(Path(out, f"rank{r}.safetensors"), tensors)
+    write_json(Path(out, f"rank{r}.json"), rest)
 
 
 def launch(fn: Callable, world_size: int = 2, *, backend: str = "gloo", args: Sequence = (),
@@ -66,7 +64,6 @@ def launch(fn: Callable, world_size: int = 2, *, backend: str = "gloo", args: Se
     >>> results = launch(my_worker, 2, args=(settings,))   # doctest: +SKIP
     """
     import torch.multiprocessing as mp
-    from safetensors.torch import load_file
 
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
@@ -88,7 +85,8 @@ def launch(fn: Callable, world_size: int = 2, *, backend: str = "gloo", args: Se
                                    f"ran past timeout={timeout} s (a hang in a collective?); stopped them")
         results = []
         for r in range(world_size):
-            res = json.loads(Path(out, f"rank{r}.json").read_text())
-            res.update(load_file(os.path.join(out, f"rank{r}.safetensors")))
+            res = read_json(Path(out, f"rank{r}.json"), what=f"result of rank {r}")
+            res.update(read_safetensors(Path(out, f"rank{r}.safetensors"), what=f"result of rank {r}",
+                                        finite=False)[0])
             results.append(res)
     return results
