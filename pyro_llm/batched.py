@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapter_state import own_path
+
 __all__ = ["Plan", "plan_for", "find_blocks", "run", "fold_outputs"]
 
 _BEFORE, _AFTER = -1, math.inf
@@ -340,29 +342,6 @@ def _delta_hook(a: torch.Tensor, b: torch.Tensor, scaling: float, dropout, s: in
     return hook
 
 
-def check_unmerged(model: torch.nn.Module, plan: Plan) -> None:
-    """Refuse LoRA layers whose adapter is merged into the base weight: injected draws would be
-    ignored (peft skips the LoRA path of a merged layer) or added twice."""
-    mods = plan.extra.get("lora_modules")
-    if mods is None:
-        from peft.tuners.lora import LoraLayer
-
-        mods = plan.extra["lora_modules"] = {
-            n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and plan.adapter in m.lora_A}
-    merged = [n for n, m in mods.items() if getattr(m, "merged", False)]
-    if merged:
-        raise ValueError(f"the LoRA adapter is merged into the base weights of {merged[:2]} "
-                         f"({len(merged)} layers): drawn adapters would be ignored; call "
-                         "peft_model.unmerge_adapter() first (or load the adapter unmerged)")
-
-
-def _own_path(model: torch.nn.Module, plan: Plan) -> bool:
-    """Whether peft's forward of every LoRA layer computes exactly ``plan.adapter``."""
-    check_unmerged(model, plan)
-    return all(not m.disable_adapters and list(m.active_adapters) == [plan.adapter]
-               for m in plan.extra["lora_modules"].values())
-
-
 def run(model: torch.nn.Module, plan: Plan, weights: dict[str, torch.Tensor], sample_shape: torch.Size,
         args: tuple, kwargs: dict, *, random: list[str] = (), share_prefix: bool = True, cache=None):
     """Run ``model`` under ``weights`` (peft name -> tensor); tensors with the leading
@@ -392,7 +371,7 @@ def run(model: torch.nn.Module, plan: Plan, weights: dict[str, torch.Tensor], sa
     n = _batch_size(args, kwargs)
     # peft's own path computes the active adapters; when that is not exactly plan.adapter
     # (another adapter active, or adapters disabled) every layer takes the hook path instead
-    foreign = [] if _own_path(model, plan) else list(plan.extra["lora_modules"])
+    foreign = [] if own_path(model, plan) else list(plan.extra["lora_modules"])
     if k == 0 and not batched and not foreign:
         return torch.func.functional_call(model, plain, args, kwargs)
     stack = contextlib.ExitStack()

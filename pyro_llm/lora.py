@@ -39,6 +39,7 @@ from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 
 from . import batched as _batched
+from .adapter_state import check_unmerged
 from .likelihoods import DRAW_PLATES
 from .priors import AdapterPrior, as_prior, select
 
@@ -193,7 +194,7 @@ class BayesianLoRA(PyroModule):
             setattr(self, h, PyroSample(d))
         for n in self.random_names:
             setattr(self, n, PyroSample(lambda mod, n=n: mod._prior_for(n)))
-        _batched.check_unmerged(peft_model, self.plan)
+        check_unmerged(peft_model, self.plan)
 
     @staticmethod
     def _predicate(sel) -> Callable[[str], bool]:
