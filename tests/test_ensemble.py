@@ -209,14 +209,16 @@ def test_predict_equals_predict_probs_through_bayesian_lora_and_to_arviz():
     assert torch.allclose(on_sites.predict(data, progress=False), direct, atol=1e-6)
     y = torch.cat([b[1] for b in data])
     head = lora.site_name("base_model.model.2.modules_to_save.default.weight")
-    idata = to_arviz(on_sites.members, lora=lora, sample_probs=direct, y=y, var_names=[head])
+    idata = to_arviz(on_sites.members, lora=lora, sample_probs=direct, y=y, var_names=[head],
+                     short_names=False, chains=1)
     assert idata.posterior[head].shape == (1, 3, 3, 8)  # raw on request; every site as a norm
     assert idata.posterior[lora.site_name("base_model.model.0:delta_norm")].shape == (1, 3)
     a_norm = idata.posterior[f"{lora.site_name(ens.names[0])}:norm"].values[0]
     assert torch.allclose(torch.as_tensor(a_norm).float(),
                           torch.stack([m[ens.names[0]].norm() for m in ens.members]), atol=1e-6)
     assert idata.log_likelihood["y"].shape == (1, 3, 64)
-    assert to_arviz(on_sites, num_samples=5, lora=lora).posterior[f"{head}:norm"].shape == (1, 5)
+    short = to_arviz(on_sites, num_samples=6, lora=lora).posterior  # short names, 2 chains
+    assert short["ens.2.weight:norm"].shape == (2, 3) and short["ens.2.weight:norm"].attrs["site"] == head
 
 
 def test_transformer_dict_batches_head_reinitialised(tmp_path):

@@ -155,7 +155,7 @@ def test_a_posterior_over_the_last_layer_for_arviz():
     se = w.std(0) / 2000 ** 0.5
     assert ((w.mean(0) - m.mean()[m.SITE]).abs() < 5 * se).all()
     idata = to_arviz(m, num_samples=8)
-    assert idata.posterior[m.SITE].shape == (1, 8, C, D_FEAT)
+    assert idata.posterior[m.SITE].shape == (2, 4, C, D_FEAT)
 
 
 def test_features_are_normalised_so_their_scale_does_not_matter(tmp_path):
