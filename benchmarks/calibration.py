@@ -424,10 +424,10 @@ def run_polar_vbll(s: Setting, args) -> Output:
                         lr=args.lr, progress=args.progress, seed=s.seed)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    test = pv.predict(s.test_dl, progress=args.progress)
+    test = pv.predictive(s.test_dl, progress=args.progress)
     predict_s = time.perf_counter() - t0
     test_s = pv.predict_samples(s.test_dl, args.mc_samples, progress=args.progress)
-    ood = pv.predict(s.ood_dl, progress=args.progress) if s.ood_dl is not None else None
+    ood = pv.predictive(s.ood_dl, progress=args.progress) if s.ood_dl is not None else None
     ood_s = (pv.predict_samples(s.ood_dl, args.mc_samples, progress=args.progress)
              if s.ood_dl is not None else None)
     extra = {"predictive": "sampling-free VBLL head (probit-style); AUROC MI from head draws",

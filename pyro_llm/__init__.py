@@ -27,12 +27,14 @@ from . import (
     vbll,
 )
 from .arviz_io import to_arviz
+from .gaussian import GaussianPosterior
 from .infer import (
     BLoBResult,
     EarlyStopping,
     EnsemblePosterior,
     FitResult,
     LaplacePosterior,
+    MCDropoutPosterior,
     PolarVBLL,
     TemperatureScaling,
     fit_blob,
@@ -51,16 +53,25 @@ from .infer import (
     scale_lr,
 )
 from .lora import BayesianLoRA, find_lora_parameters
+from .point import PointPosterior, TemperaturePosterior
 from .polar import PolarAdapter, polar_optimizer
 from .posterior import GuidePosterior, Posterior, predict_probs, stack_draws
 from .prefix_cache import PrefixCache
+from .readout import Readout
 from .regression import RegressionResult, regress
+from .saved import load
 from .stream import code_corpus, load_coded
 from .vbll import VBLLClassification, VBLLRegression
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "load",
+    "TemperaturePosterior",
+    "Readout",
+    "PointPosterior",
+    "MCDropoutPosterior",
+    "GaussianPosterior",
     "BayesianLoRA",
     "BLoBResult",
     "EarlyStopping",

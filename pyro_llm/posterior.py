@@ -1,10 +1,21 @@
 """One posterior interface: draws of named global sites, and predictions under them.
 
-Every approximation (an SVI guide here; Laplace, ensembles and others build on the same
-shape) is a :class:`Posterior`: ``sample(S)`` returns S dicts ``{site name: tensor}``, and
-``mean()`` one dict. Prediction conditions the model's sites on each draw with
-:func:`pyro.poutine.condition`, so whatever code runs the model under a draw needs no
-knowledge of where the draw came from.
+Every approximation is a :class:`Posterior` with one protocol:
+
+* ``sample(S)``: S dicts ``{site name: tensor}``; ``mean()``: one dict;
+* ``predict(data, num_samples=...)``: class probabilities ``(S, N, C)`` (a point posterior,
+  ``degenerate = True``, returns S = 1);
+* ``log_prob(draw)`` where the density is defined;
+* ``as_guide()``: a Pyro guide drawing the sites, for ``pyro.infer.Predictive`` or a user's
+  own model;
+* ``save(folder)``, read back by :func:`pyro_llm.load`.
+
+Prediction conditions the model's sites on each draw with :func:`pyro.poutine.condition`
+(through the posterior's :class:`~pyro_llm.BayesianLoRA`, ``lora``) and reads the logits with
+its :class:`~pyro_llm.Readout`, so whatever code runs the model under a draw needs no
+knowledge of where the draw came from. Trainable tensors that are not random (a ``pyro.param``
+B matrix or classifier head) travel with the posterior as ``fixed`` point estimates and are
+substituted at prediction time.
 """
 
 from __future__ import annotations
@@ -13,38 +24,115 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-__all__ = ["Posterior", "GuidePosterior", "call_with_batch", "predict_probs", "stack_draws"]
+from .readout import Readout
+
+__all__ = ["Posterior", "GuidePosterior", "call_with_batch", "predict_probs", "stack_draws", "Draw"]
 
 Draw = dict[str, torch.Tensor]
 
 
 class Posterior:
-    """Base class: a distribution over named global sites."""
+    """Base class: a distribution over named global sites, and predictions under it.
 
-    def sample(self, num_samples: int) -> list[Draw]:
+    Attributes
+    ----------
+    lora: the :class:`~pyro_llm.BayesianLoRA` whose sites these are (needed by ``predict``).
+    readout: how ``predict`` reads logits from a batch (default :class:`~pyro_llm.Readout`).
+    fixed: point estimates of the trainable tensors that are not random, by site name.
+    degenerate: ``True`` for a point posterior (MAP, temperature scaling): ``predict`` gives S = 1.
+    """
+
+    lora = None
+    readout: Readout | None = None
+    fixed: Draw = {}
+    degenerate = False
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> list[Draw]:
         raise NotImplementedError
 
     def mean(self) -> Draw:
         draws = self.sample(64)
         return {k: torch.stack([d[k] for d in draws]).mean(0) for k in draws[0]}
 
+    def log_prob(self, draw: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Log density of ``draw`` (all sites) under the posterior."""
+        raise NotImplementedError(f"{type(self).__name__} has no density over its sites (a mixture of "
+                                  "point masses, or draws only)")
+
+    def attach(self, lora=None, readout: Readout | None = None) -> Posterior:
+        """Set the :class:`~pyro_llm.BayesianLoRA` (and the readout) ``predict`` runs; returns self."""
+        if lora is not None:
+            self.lora = lora
+        if readout is not None:
+            self.readout = readout
+        return self
+
+    @torch.no_grad()
+    def predict(self, data: Iterable, num_samples: int = 16, *, readout: Readout | None = None,
+                progress: bool = True, seed: int | None = 0, vectorize: bool | str = "auto") -> torch.Tensor:
+        """Class probabilities ``(S, N, C)`` under ``num_samples`` posterior draws (S = 1 for a
+        degenerate posterior); the same draws for every batch, seeded by ``seed``."""
+        if self.lora is None:
+            raise ValueError(f"this {type(self).__name__} has no model attached; call "
+                             ".attach(lora) with the BayesianLoRA it was fitted with (or pass model= to "
+                             "pyro_llm.load)")
+        fn = batch_probs(self.lora, readout or self.readout or Readout())
+        if self.fixed:
+            fn = poutine.substitute(fn, data=self.fixed)
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        draws = self.sample(1 if self.degenerate else num_samples)
+        return predict_probs(fn, data, draws, progress=progress, seed=None, vectorize=vectorize)
+
+    def as_guide(self) -> Callable:
+        """A Pyro guide drawing every site from this posterior (arguments are ignored). Each call
+        draws anew: use ``Predictive(model, guide=post.as_guide(), num_samples=S)`` (not
+        ``parallel=True``, which would broadcast one draw)."""
+
+        def guide(*args, **kwargs):
+            draw = self.sample(1)[0]
+            return {n: pyro.sample(n, dist.Delta(v, event_dim=v.dim())) for n, v in draw.items()}
+
+        return guide
+
+    def save(self, path) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved; save the draws "
+                                  "(pyro_llm._io.save_safetensors(path, stack_draws(post.sample(S))))")
+
+
+def batch_probs(model, readout: Readout) -> Callable:
+    """``fn(*batch) -> probabilities`` as :func:`predict_probs` calls it (a dict batch arrives as
+    keywords, a tuple as arguments), reading the logits of ``model`` with ``readout``."""
+
+    def fn(*args, **kwargs):
+        batch = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        return readout.probs(model, batch)
+
+    return fn
+
 
 class GuidePosterior(Posterior):
     """The posterior of a fitted Pyro guide.
 
     ``args`` and ``kwargs`` are passed to the guide when it is run (autoguides need none once
-    fitted). Auxiliary and observed sites are left out of the draws.
+    fitted). Auxiliary and observed sites are left out of the draws. ``lora``, ``fixed`` and
+    ``readout`` (keywords) serve :meth:`predict`. A guide over real-valued sites (the
+    autoguides, BLoB's) saves as its Gaussian (:meth:`save`); a custom guide cannot be saved.
     """
 
-    def __init__(self, guide: Callable, *args, **kwargs):
+    def __init__(self, guide: Callable, *args, lora=None, fixed: Mapping[str, torch.Tensor] | None = None,
+                 readout: Readout | None = None, **kwargs):
         self.guide, self.args, self.kwargs = guide, args, kwargs
+        self.lora, self.readout = lora, readout
+        self.fixed = {k: v.detach().clone() for k, v in (fixed or {}).items()}
 
     @torch.no_grad()
-    def sample(self, num_samples: int) -> list[Draw]:
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> list[Draw]:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         out = []
@@ -64,6 +152,30 @@ class GuidePosterior(Posterior):
         if callable(median):  # exact for Gaussian guides; the median otherwise
             return {k: v.detach() for k, v in median(*self.args, **self.kwargs).items()}
         return super().mean()
+
+    def log_prob(self, draw: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``log q(draw)``: the guide run with its sites fixed at ``draw``."""
+        with torch.no_grad():
+            tr = poutine.trace(poutine.condition(self.guide, data=dict(draw))).get_trace(
+                *self.args, **self.kwargs)
+        return sum(site["fn"].log_prob(site["value"]).sum() for name, site in tr.nodes.items()
+                   if site["type"] == "sample" and name in draw)
+
+    def as_guide(self) -> Callable:
+        return self.guide
+
+    def gaussian(self):
+        """This posterior as a :class:`~pyro_llm.gaussian.GaussianPosterior` (autoguides over
+        real-valued sites and BLoB's guide), which can be saved."""
+        from .gaussian import GaussianPosterior
+
+        return GaussianPosterior.from_guide(self.guide, lora=self.lora, fixed=self.fixed,
+                                            readout=self.readout)
+
+    def save(self, path):
+        """Save as the guide's Gaussian (see :meth:`gaussian`); :func:`pyro_llm.load` reads it back
+        as a :class:`~pyro_llm.gaussian.GaussianPosterior` with the same distribution."""
+        return self.gaussian().save(path)
 
 
 def stack_draws(draws: list[Draw]) -> dict[str, torch.Tensor]:

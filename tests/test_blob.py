@@ -21,7 +21,7 @@ from pyro_llm.infer.blob import (
     flipout_forward,
     kl_weights,
 )
-from pyro_llm.infer.laplace.capture import default_labels, default_logits
+from pyro_llm.readout import default_labels, default_logits
 
 N, D_IN, CLASSES = 48, 4, 3
 

@@ -60,13 +60,13 @@ def test_predict_shapes_probabilities_and_one_forward_per_batch():
     calls = []
     hook = ad.register_forward_pre_hook(lambda mod, args: calls.append(1))
     try:
-        p = m.predict(data, progress=False)
+        p = m.predictive(data, progress=False)
         assert len(calls) == len(data)
         calls.clear()
         s = m.predict_samples(data, 5, progress=False)
         assert len(calls) == len(data)
         calls.clear()
-        mc = m.predict(data, num_samples=4000, progress=False)
+        mc = m.predictive(data, num_samples=4000, progress=False)
         assert len(calls) == len(data)
     finally:
         hook.remove()
@@ -101,7 +101,7 @@ def test_save_load_round_trip(tmp_path):
     assert (tmp_path / "pv" / "peft_adapter" / "adapter_config.json").exists()
     fresh = _adapter(seed=5)  # other random frames: all must be overwritten
     back = load_polar_vbll(tmp_path / "pv", fresh, _features)
-    torch.testing.assert_close(back.predict(data, progress=False), m.predict(data, progress=False),
+    torch.testing.assert_close(back.predictive(data, progress=False), m.predictive(data, progress=False),
                                rtol=0, atol=0)
     torch.testing.assert_close(back.predict_samples(data, 3, progress=False),
                                m.predict_samples(data, 3, progress=False), rtol=0, atol=0)
@@ -138,7 +138,7 @@ def test_tiny_bert_sequence_classifier():
         return features.pool(out, batch["attention_mask"], "cls")
 
     m = fit_polar_vbll(PolarAdapter(peft_model), data, fn, 2, epochs=3, lr=0.01, progress=False)
-    p = m.predict(data, progress=False)
+    p = m.predictive(data, progress=False)
     assert p.shape == (8, 2) and m.head.in_features == 32
     torch.testing.assert_close(p.sum(-1), torch.ones(8))
 
@@ -166,12 +166,12 @@ def test_features_are_normalised_so_their_scale_does_not_matter(tmp_path):
     m1 = fit_polar_vbll(_adapter(), data, _features, C, epochs=2, lr=0.02, progress=False)
     m100 = fit_polar_vbll(_adapter(), data, big, C, epochs=2, lr=0.02, progress=False)
     assert m100.config["feature_scale"] == pytest.approx(m1.config["feature_scale"] / 100, rel=1e-5)
-    p1, p100 = m1.predict(data, progress=False), m100.predict(data, progress=False)
+    p1, p100 = m1.predictive(data, progress=False), m100.predictive(data, progress=False)
     torch.testing.assert_close(p100, p1, atol=1e-4, rtol=0)
     m100.save(tmp_path / "pv")
     back = load_polar_vbll(tmp_path / "pv", _adapter(seed=5), big)
-    torch.testing.assert_close(back.predict(data, progress=False), p100)
+    torch.testing.assert_close(back.predictive(data, progress=False), p100)
     # without the normalisation the x100 features give another (much more confident) model
     raw = fit_polar_vbll(_adapter(), data, big, C, epochs=2, lr=0.02, normalize_features=False,
                          progress=False)
-    assert (raw.predict(data, progress=False) - p1).abs().max() > 0.05
+    assert (raw.predictive(data, progress=False) - p1).abs().max() > 0.05

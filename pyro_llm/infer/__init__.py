@@ -3,7 +3,13 @@ post-hoc Laplace, LoRA ensembles, BLoB, PoLAR-VBLL, and the temperature-scaling 
 baselines."""
 
 from . import distributed
-from .baselines import TemperatureScaling, collect_logits, fit_temperature, mc_dropout_predict
+from .baselines import (
+    MCDropoutPosterior,
+    TemperatureScaling,
+    collect_logits,
+    fit_temperature,
+    mc_dropout_predict,
+)
 from .blob import BLoBGuide, BLoBResult, fit_blob, kl_weights
 from .distributed import independent, launch, shard
 from .ensemble import EnsemblePosterior, fit_ensemble, load_ensemble
@@ -12,9 +18,11 @@ from .polar_fit import fit_polar
 from .polar_vbll import PolarVBLL, fit_polar_vbll, load_polar_vbll
 from .svi import EarlyStopping, FitResult, fit_map, fit_svi, make_guide, scale_lr
 
-__all__ = ["BLoBGuide", "BLoBResult", "EarlyStopping", "EnsemblePosterior", "FitResult",
-           "LaplacePosterior", "PolarVBLL", "TemperatureScaling", "collect_logits", "distributed",
-           "fit_blob", "fit_ensemble", "fit_laplace", "fit_map", "fit_polar", "fit_polar_vbll",
-           "fit_svi", "fit_temperature", "independent", "kl_weights", "launch", "load_ensemble",
-           "load_laplace", "load_polar_vbll", "make_guide", "mc_dropout_predict", "scale_lr",
-           "shard"]
+__all__ = [
+    "BLoBGuide", "BLoBResult", "collect_logits", "distributed", "EarlyStopping",
+    "EnsemblePosterior", "fit_blob", "fit_ensemble", "fit_laplace", "fit_map", "fit_polar",
+    "fit_polar_vbll", "fit_svi", "fit_temperature", "FitResult", "independent", "kl_weights",
+    "LaplacePosterior", "launch", "load_ensemble", "load_laplace", "load_polar_vbll", "make_guide",
+    "mc_dropout_predict", "MCDropoutPosterior", "PolarVBLL", "scale_lr", "shard",
+    "TemperatureScaling",
+]

@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .laplace.capture import default_labels, default_logits
+from ..point import PointPosterior, WithValues
+from ..readout import Readout, default_labels, default_logits
 
-__all__ = ["TemperatureScaling", "collect_logits", "fit_temperature", "mc_dropout_predict"]
+__all__ = ["TemperatureScaling", "collect_logits", "fit_temperature", "mc_dropout_predict",
+           "MCDropoutPosterior"]
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,3 +198,24 @@ def mc_dropout_predict(peft_model: torch.nn.Module, data: Iterable, num_samples:
     if not chunks:
         raise ValueError("the data yielded no batch: nothing to predict")
     return torch.cat(chunks, dim=1)
+
+
+class MCDropoutPosterior(PointPosterior):
+    """MC dropout in the posterior protocol: the adapter's trainable tensors are a point
+    (``sample`` repeats them), and :meth:`predict` draws the randomness from dropout masks
+    (:func:`mc_dropout_predict`), ``(S, N, C)``. Saved as a point with ``method="mc_dropout"``."""
+
+    degenerate = False
+
+    def __init__(self, peft_model: torch.nn.Module, *, readout=None, values=None):
+        values = values if values is not None else {
+            n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        super().__init__(values, model=peft_model, readout=readout, method="mc_dropout")
+
+    @torch.no_grad()
+    def predict(self, data: Iterable, num_samples: int = 20, *, readout=None, progress: bool = True,
+                seed: int | None = 0, **_) -> torch.Tensor:
+        r = readout or self.readout or Readout()
+        model = WithValues(self.model, self.values)
+        return mc_dropout_predict(model, data, num_samples, logits_fn=lambda m, b: r.logits(m, b),
+                                  progress=progress, seed=0 if seed is None else seed)

@@ -49,6 +49,7 @@ Notes
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -60,11 +61,11 @@ from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 from pyro.nn import PyroModule
 
+from ..gaussian import GaussianPosterior
 from ..lora import BayesianLoRA
-from ..posterior import GuidePosterior, predict_probs
+from ..readout import Readout, default_labels, default_logits
 from .checkpoint import checkpoint_step
 from .flipout import flipout_forward
-from .laplace.capture import default_labels, default_logits
 from .loop import EarlyStopping, FitResult, OneShot, peek_batches, train_loop
 from .svi import model_sketch
 
@@ -285,7 +286,8 @@ class BLoBResult:
 
     Attributes
     ----------
-    posterior: a :class:`~pyro_llm.GuidePosterior` over the ``A`` sites.
+    posterior: the fitted Gaussian over the ``A`` sites (a :class:`~pyro_llm.gaussian.GaussianPosterior`
+        with ``B`` / the head as its ``fixed`` point estimates): ``predict``, ``save``, ``as_guide``.
     lora, guide: the :class:`~pyro_llm.BayesianLoRA` (``select="A"``) and the :class:`BLoBGuide`.
     fit: the training record (:class:`~pyro_llm.FitResult`, ``method="blob"``); ``fit.params``
         holds the fitted ``B`` / head (by site name) and the guide's tensors.
@@ -293,7 +295,7 @@ class BLoBResult:
     logits_fn: the ``logits_fn(model, batch)`` of the fit, the default of :meth:`predict`.
     """
 
-    posterior: GuidePosterior
+    posterior: GaussianPosterior
     lora: BayesianLoRA
     guide: BLoBGuide
     fit: FitResult
@@ -319,19 +321,10 @@ class BLoBResult:
 
     def predict(self, data: Iterable, num_samples: int = 10, logits_fn: Callable | None = None,
                 progress: bool = True, seed: int | None = 0) -> torch.Tensor:
-        """Class probabilities ``(S, N, C)`` under ``num_samples`` posterior draws of ``A``.
-
-        ``B`` and the head take this fit's values (whatever the param store holds now); the
-        draws are those of ``predict_probs(fn, data, self.posterior, num_samples, seed=seed)``.
-        """
-        logits_fn = logits_fn or self.logits_fn
-        lora = self.lora
-
-        def fn(*args, **batch):
-            return logits_fn(lora, batch if batch else (args[0] if len(args) == 1 else args)).softmax(-1)
-
-        fixed = poutine.substitute(fn, data=self.point_estimates())
-        return predict_probs(fixed, data, self.posterior, num_samples, progress=progress, seed=seed)
+        """Class probabilities ``(S, N, C)`` under ``num_samples`` posterior draws of ``A``, with ``B``
+        and the head at this fit's values: ``self.posterior.predict`` (see :class:`GaussianPosterior`)."""
+        readout = Readout(logits=logits_fn) if logits_fn is not None else None
+        return self.posterior.predict(data, num_samples, readout=readout, progress=progress, seed=seed)
 
 
 # ------------------------------------------------------------------------- fit
@@ -456,5 +449,9 @@ def fit_blob(
                    "model": model_sketch(peft_model, params), "kl": [kl_schedule if isinstance(
                        kl_schedule, str) else "callable", kl_scale], "prior_scale": float(prior_scale),
                    "init_scale": float(init_scale), "flipout": bool(flipout), "num_data": num_data})
-    return BLoBResult(posterior=GuidePosterior(guide), lora=lora, guide=guide, fit=fit,
-                      kl_weights=tuple(used), logits_fn=logits_fn)
+    fixed = {site: fit.params[site] for site in map(lora.site_name, lora.fixed_names)}
+    posterior = GaussianPosterior.from_guide(guide, lora=lora, fixed=fixed,
+                                             readout=Readout(logits=logits_fn, labels=labels_fn))
+    return BLoBResult(posterior=posterior, lora=lora, guide=guide,
+                      fit=dataclasses.replace(fit, posterior=posterior), kl_weights=tuple(used),
+                      logits_fn=logits_fn)

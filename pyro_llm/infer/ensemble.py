@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .. import metrics
 from .._io import atomic_folder, write_json
 from ..posterior import Draw, Posterior, predict_probs
+from ..readout import Readout, default_logits
 from . import svi
 from .ensemble_io import (
     ENSEMBLE_INFO,
@@ -46,7 +47,6 @@ from .ensemble_io import (
     remove_checkpoint,
     save_member,
 )
-from .laplace.capture import default_logits
 
 __all__ = ["EnsemblePosterior", "fit_ensemble", "load_ensemble", "uncertainty"]
 
@@ -147,9 +147,32 @@ class EnsemblePosterior(Posterior):
         """
         return {k: torch.stack([m[k] for m in self.members]).mean(0) for k in self.members[0]}
 
+    def attach(self, lora=None, readout=None) -> EnsemblePosterior:
+        """Set the model (a peft model, or a BayesianLoRA's) that :meth:`predict` runs."""
+        if lora is not None:
+            self.peft_model = getattr(lora, "peft_model", lora)
+        if readout is not None:
+            self.readout = readout
+        return self
+
+    def predict(self, data: Iterable, num_samples: int | None = None, *, readout=None,
+                logits_fn: Callable | None = None, progress: bool = True, vectorize: bool | str = "auto",
+                seed: int | None = 0) -> torch.Tensor:
+        """Class probabilities ``(M, N, C)`` of every member once (``num_samples=None``, the exact
+        mixture; :meth:`predict_members`), or ``(S, N, C)`` of ``num_samples`` members drawn with
+        replacement under ``seed``."""
+        if logits_fn is None:
+            logits_fn = (readout or self.readout or Readout()).logits
+        post = self
+        if num_samples is not None:
+            g = torch.Generator().manual_seed(seed) if seed is not None else None
+            idx = torch.randint(len(self), (num_samples,), generator=g).tolist()
+            post = EnsemblePosterior([self._peft[i] for i in idx], peft_model=self.peft_model)
+        return post.predict_members(data, logits_fn=logits_fn, progress=progress, vectorize=vectorize)
+
     @torch.no_grad()
-    def predict(self, data: Iterable, *, logits_fn: Callable | None = None,
-                progress: bool = True, vectorize: bool | str = "auto") -> torch.Tensor:
+    def predict_members(self, data: Iterable, *, logits_fn: Callable | None = None,
+                        progress: bool = True, vectorize: bool | str = "auto") -> torch.Tensor:
         """Class probabilities ``(M, N, C)`` of every member, in eval mode (dropout off).
 
         ``logits_fn(model, batch)`` defaults to ``model(**batch).logits`` for dict batches

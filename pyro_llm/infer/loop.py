@@ -47,6 +47,8 @@ class FitResult:
     val_history: ``(step, metric)`` pairs of the held-out metric, if early stopping ran.
     steps, fit_seconds, seconds_per_step: how long the fit took.
     stopped_early, best_step: the early-stopping outcome.
+    posterior: the fitted posterior in the one protocol (:class:`~pyro_llm.posterior.Posterior`):
+        a snapshot of the guide's Gaussian (SVI, BLoB), or the point (MAP, PoLAR).
     """
 
     method: str
@@ -60,6 +62,7 @@ class FitResult:
     stopped_early: bool = False
     best_step: int | None = None
     extra: dict = field(default_factory=dict)
+    posterior: object = None
 
 
 @dataclass(frozen=True)

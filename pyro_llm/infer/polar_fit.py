@@ -11,6 +11,7 @@ import pyro
 import torch
 
 from ..lora import train_mode
+from ..point import PointPosterior
 from ..polar import PolarAdapter, polar_optimizer
 from .loop import train_loop
 from .svi import hf_loss
@@ -53,5 +54,8 @@ def fit_polar(adapter: PolarAdapter, data: Iterable, *,
                    clip_norm=clip_norm, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                    early_stopping=None, progress=progress, seed=seed, optim=opt)
     adapter.write_to_peft()
+    point = PointPosterior({n: v.detach().clone() for n, v in adapter.lora_weights().items()},
+                           model=adapter.peft_model, method="polar")
     return dataclasses.replace(fit, extra={"method": method,
-                                           "orthogonality": adapter.orthogonality_errors()})
+                                           "orthogonality": adapter.orthogonality_errors()},
+                               posterior=point)

@@ -49,8 +49,8 @@ from .._io import (
 from ..lora import train_mode
 from ..polar import PolarOptimizer
 from ..posterior import Draw, Posterior
+from ..readout import default_labels as _read_labels
 from ..vbll import VBLLClassification, load_head, save_head
-from .laplace.capture import default_labels as _read_labels
 
 __all__ = ["PolarVBLL", "fit_polar_vbll", "load_polar_vbll"]
 
@@ -86,7 +86,7 @@ class PolarVBLL(Posterior):
 
     Example
     -------
-    >>> probs = model.predict(test_loader)              # (N, C), one forward per batch  # doctest: +SKIP
+    >>> probs = model.predictive(test_loader)          # (N, C), one forward per batch  # doctest: +SKIP
     >>> draws = model.predict_samples(test_loader, 16)  # (16, N, C), for mutual information  # doctest: +SKIP
     """
 
@@ -120,8 +120,8 @@ class PolarVBLL(Posterior):
                 yield _features(self.features_fn, self.adapter, batch, self.head.in_features)
 
     @torch.no_grad()
-    def predict(self, data: Iterable, num_samples: int | None = None, progress: bool = True,
-                seed: int = 0) -> torch.Tensor:
+    def predictive(self, data: Iterable, num_samples: int | None = None, progress: bool = True,
+                   seed: int = 0) -> torch.Tensor:
         """Posterior predictive probabilities ``(N, C)``: one backbone forward per batch.
 
         ``num_samples=None``: the head's sampling-free predictive; an integer: that many draws
@@ -130,6 +130,16 @@ class PolarVBLL(Posterior):
         g = _generator(seed, self.head)
         out = [self.head.predict_probs(f, num_samples, g) for f in self._feature_batches(data, progress)]
         return _cat(out).float()
+
+    @torch.no_grad()
+    def predict(self, data: Iterable, num_samples: int | None = None, *, progress: bool = True,
+                seed: int = 0, **_) -> torch.Tensor:
+        """The posterior protocol's predict: ``(S, N, C)`` under ``num_samples`` draws of the head
+        weights (:meth:`predict_samples`), or, with ``num_samples=None`` (default), the closed-form
+        predictive as S = 1, ``(1, N, C)`` (:meth:`predictive`)."""
+        if num_samples is None:
+            return self.predictive(data, progress=progress, seed=seed)[None]
+        return self.predict_samples(data, num_samples, progress=progress, seed=seed)
 
     @torch.no_grad()
     def predict_samples(self, data: Iterable, num_samples: int = 16, progress: bool = True,

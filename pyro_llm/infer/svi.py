@@ -26,7 +26,8 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 
-from ..posterior import call_with_batch
+from ..point import PointPosterior
+from ..posterior import GuidePosterior, Posterior, call_with_batch
 from .checkpoint import describe_named, sketch
 from .loop import EarlyStopping, FitResult, peek_batches, train_loop
 
@@ -158,7 +159,33 @@ def fit_svi(
         checkpoint_every=checkpoint_every, early_stopping=early_stopping, progress=progress,
         seed=seed, fingerprint=fingerprint,
     )
-    return dataclasses.replace(fit, params={n: p.detach().clone() for n, p in _constrained(params).items()})
+    return dataclasses.replace(fit, params={n: p.detach().clone() for n, p in _constrained(params).items()},
+                               posterior=svi_posterior(guide, _find_lora(model, init_values)))
+
+
+def svi_posterior(guide, lora=None) -> Posterior:
+    """The fitted guide in the posterior protocol: a snapshot of its Gaussian when it is one (the
+    autoguides over real-valued sites; :meth:`save` and :func:`pyro_llm.load` then round-trip
+    it exactly), else the live :class:`~pyro_llm.GuidePosterior`. ``lora``'s ``pyro.param``
+    tensors (its ``fixed_names``) travel with it as point estimates."""
+    fixed = {}
+    if lora is not None:
+        store = pyro.get_param_store()
+        fixed = {s: store[s].detach().clone() for s in map(lora.site_name, lora.fixed_names) if s in store}
+    post = GuidePosterior(guide, lora=lora, fixed=fixed)
+    try:
+        return post.gaussian()
+    except NotImplementedError:
+        return post
+
+
+def _find_lora(model, init_values):
+    from ..lora import BayesianLoRA
+
+    cells = [init_values, model, getattr(model, "__self__", None)]
+    cells += [c.cell_contents for c in getattr(model, "__closure__", None) or () if _filled(c)]
+    found = [c for c in cells if isinstance(c, BayesianLoRA)]
+    return found[0] if found else None
 
 
 def model_sketch(model, exclude: Mapping[str, torch.Tensor] = {}) -> str | None:
@@ -228,7 +255,7 @@ def fit_map(
     was_training = peft_model.training
     peft_model.train()
     try:
-        return train_loop(
+        fit = train_loop(
             "map", lambda batch: loss_fn(peft_model, batch), params, data, guide=None,
             epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay,
             clip_norm=clip_norm, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
@@ -236,6 +263,7 @@ def fit_map(
             fingerprint={"model": model_sketch(peft_model, params) if checkpoint else None,
                          "loss": _name(loss_fn), "weight_decay": weight_decay},
         )
+        return dataclasses.replace(fit, posterior=PointPosterior(fit.params, model=peft_model))
     finally:
         peft_model.train(was_training)
 

@@ -131,33 +131,6 @@ def curvature_vectors(logits: torch.Tensor, y: torch.Tensor | None, curvature: s
 
 
 # ---------------------------------------------------------------------------- running the model
-def default_logits(model: torch.nn.Module, batch) -> torch.Tensor:
-    """``model(**inputs).logits`` for a dict batch (``labels`` / ``index`` left out), ``model(x)`` for
-    an ``(x, y)`` tuple; a plain tensor output is taken as the logits."""
-    from collections.abc import Mapping
-
-    from ...features import class_logits
-
-    if isinstance(batch, Mapping):
-        out = model(**{k: v for k, v in batch.items() if k not in ("labels", "label", "index")})
-    elif isinstance(batch, (tuple, list)):
-        out = model(batch[0])
-    else:
-        out = model(batch)
-    return class_logits(out)
-
-
-def default_labels(batch) -> torch.Tensor | None:
-    """``batch["labels"]`` (or ``"label"``) of a dict batch, ``y`` of an ``(x, y)`` tuple."""
-    from collections.abc import Mapping
-
-    if isinstance(batch, Mapping):
-        return batch.get("labels", batch.get("label"))
-    if isinstance(batch, (tuple, list)) and len(batch) > 1:
-        return batch[1]
-    return None
-
-
 class tapped:
     """Context: ``model`` in eval mode, the named parameters differentiable, a :class:`LayerTap` on."""
 

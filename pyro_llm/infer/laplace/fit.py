@@ -29,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ...lora import BayesianLoRA, find_lora_parameters
+from ...readout import default_labels, default_logits
 from .. import distributed as _dist
 from .blocks import DiagBlock, Factor, FullBlock, KronBlock
-from .capture import CURVATURES, check_logits, curvature_vectors, default_labels, default_logits, tapped
+from .capture import CURVATURES, check_logits, curvature_vectors, tapped
 from .posterior import LaplacePosterior
 
 __all__ = ["fit_laplace", "last_layer_names", "estimate_memory", "STRUCTURES"]

@@ -165,13 +165,35 @@ class LaplacePosterior(Posterior):
                 out[n] = pyro.sample(n, dist.Delta(x.to(self.map[n]), event_dim=x.dim()))
         return out
 
-    def predict(self, data, *, pred_type: str = "glm", link: str = "mc", num_samples: int = 100,
-                logits_fn=None, progress: bool = True, seed: int | None = 0) -> torch.Tensor:
-        """Predictive class probabilities ``(S, N, C)``; see :func:`~.predictive.laplace_predict`."""
+    def predict(self, data, num_samples: int = 100, *, readout=None, pred_type: str = "glm",
+                link: str = "mc", logits_fn=None, progress: bool = True, seed: int | None = 0,
+                **_) -> torch.Tensor:
+        """Predictive class probabilities ``(S, N, C)``; see :func:`~.predictive.laplace_predict`.
+        ``num_samples`` are draws of the linearised logits (``pred_type="glm"``, cheap: one forward
+        and the Jacobian per batch) or of the weights (``"nn"``: one forward per draw)."""
         from .predictive import laplace_predict
 
+        if readout is not None:
+            logits_fn = readout.logits
+        elif logits_fn is None and self.readout is not None:
+            logits_fn = self.readout.logits
         return laplace_predict(self, data, pred_type=pred_type, link=link, num_samples=num_samples,
                                logits_fn=logits_fn, progress=progress, seed=seed)
+
+    def as_guide(self):
+        """:meth:`guide`: every site drawn from the Gaussian (full blocks jointly)."""
+        return self.guide
+
+    def log_prob(self, draw) -> torch.Tensor:
+        """Log density of ``draw`` (every site) under ``N(theta_MAP, (H + delta)^-1)``."""
+        total = torch.zeros((), dtype=DTYPE)
+        for b in self.blocks:
+            d = _BlockNormal(self, b)
+            names = [self.site_names[i] for i in b.sites]
+            value = (torch.cat([torch.as_tensor(draw[n]).reshape(-1) for n in names]) if d.flat
+                     else torch.as_tensor(draw[names[0]]))
+            total = total + d.log_prob(value.to(DTYPE)).to(DTYPE)
+        return total
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:

@@ -44,7 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ...posterior import predict_probs
-from .capture import check_logits, default_labels, default_logits, tapped
+from ...readout import default_labels, default_logits
+from .capture import check_logits, tapped
 
 __all__ = ["laplace_predict", "glm_logit_moments", "probit", "laplace_bridge", "mc_softmax",
            "mc_softmax_differences", "logit_contrasts", "gridsearch_prior_precision", "LINKS"]
