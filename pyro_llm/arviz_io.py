@@ -117,10 +117,11 @@ def _num_chains(s: int, chains: int | None) -> int:
         return int(chains)
     if s % 4 == 0 and s >= 16:
         return 4
-    if s % 2 == 0:
+    if s % 2 == 0 and s >= 4:
         return 2
-    warnings.warn(f"S = {s} draws cannot be split into equal chains: exported as 1 chain, "
-                  "so r_hat is undefined; use an even number of draws", stacklevel=3)
+    warnings.warn(f"S = {s} draws cannot be split into equal chains of 2 or more draws: exported "
+                  "as 1 chain, so r_hat is undefined; use an even number of draws, at least 4",
+                  stacklevel=3)
     return 1
 
 
@@ -218,7 +219,7 @@ def to_arviz(draws, *, num_samples: int | None = None, chains: int | None = None
     chains:
         Equal chains to split the S draws into (in order, chain-major; see the module
         docstring). Default 4 when S is a multiple of 4 and at least 16, else 2 when S is
-        even, else 1 (with a warning). ``r_hat`` / ``ess_bulk`` of these independent draws
+        even and at least 4, else 1 (with a warning). ``r_hat`` / ``ess_bulk`` of these independent draws
         check the export and the draws, not MCMC mixing.
     lora:
         The :class:`~pyro_llm.BayesianLoRA` (default: the posterior's ``.lora``, if any); its

@@ -390,3 +390,15 @@ def test_every_posterior_exports(make):
         assert (summ["ess_bulk"] > 50).all() and np.isfinite(summ["r_hat"]).all()
     if make in (_laplace, _blob):
         assert {"0:delta_norm", "2:delta_norm"} <= set(post_vars.data_vars)
+
+
+@pytest.mark.parametrize("s, chains, expected", [
+    (16, None, 4), (12, None, 2), (6, None, 2), (6, 3, 3), (5, None, 1), (2, None, 1)])
+def test_chain_layout(s, chains, expected):
+    draws = {"w": torch.arange(float(s))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idata = to_arviz(draws, chains=chains)
+    assert idata.posterior.sizes["chain"] == expected
+    np.testing.assert_array_equal(flat(idata.posterior["w"]), np.arange(s))  # chain-major order
+    assert any("1 chain" in str(w.message) for w in caught) == (expected == 1)
