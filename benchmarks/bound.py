@@ -36,7 +36,7 @@ def efficiency_bound(df, formula, *, label, truth, probs, role="covariate", fami
 
     ``truth`` (N,): every row's true label; ``probs`` (N, K): the true ``p(z = k | s, W)`` in the
     order of the design's classes (continuous z: (N, 2), the conditional mean and sd)."""
-    from pyro_llm.regression.design import _plain, build_design
+    from pyro_llm.regression.design import build_design, plain_value
 
     d = build_design(df, formula, label=label, role=role, kind=kind)
     truth, probs = np.asarray(truth), np.asarray(probs, float)
@@ -51,16 +51,16 @@ def efficiency_bound(df, formula, *, label, truth, probs, role="covariate", fami
         resp_k = d.y[None] if role == "covariate" else vals.T
         resp_t = d.y if role == "covariate" else truth.astype(float)
     else:
-        idx = np.array([d.classes.index(_plain(v)) for v in truth])
+        idx = np.array([d.classes.index(plain_value(v)) for v in truth])
         if probs.shape != (N, d.num_classes):
             raise ValueError(f"probs must be (N, K) = ({N}, {d.num_classes}); got {probs.shape}")
         Xk, Pk = d.X_by_class, probs
         Xt = d.X(idx)
         resp_k = np.broadcast_to(d.y, (d.num_classes, N)) if role == "covariate" else d.class_values[:, None]
         resp_t = d.response(idx)
-    from pyro_llm.regression.estimators import _fit
+    from pyro_llm.regression.estimators import fit_glm
 
-    theta = _fit(Xt, resp_t, family)[0]                           # the full-data fit at the truth
+    theta = fit_glm(Xt, resp_t, family)[0]                           # the full-data fit at the truth
 
     def link(X):
         eta = X @ theta

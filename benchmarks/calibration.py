@@ -294,9 +294,9 @@ class NotApplicable(Exception):
 
 def run_mc_dropout(s: Setting, args) -> Output:
     """MC dropout on the MAP model: the backbone's own dropout layers on at prediction."""
-    from pyro_llm.infer.baselines import _active_dropouts, mc_dropout_predict
+    from pyro_llm.infer.baselines import active_dropouts, mc_dropout_predict
 
-    if not _active_dropouts(s.peft_model):
+    if not active_dropouts(s.peft_model):
         raise NotApplicable(f"{MODEL_NAMES[s.model]} with this adapter has no dropout layer with p > 0")
 
     pred = lambda dl: mc_dropout_predict(s.peft_model, dl, args.mc_samples, logits_fn=s.logits_fn,  # noqa: E731

@@ -473,7 +473,7 @@ def _svi_step(batches: list[dict], lora=None) -> Callable:
     from pyro.infer import Trace_ELBO
 
     import pyro_llm
-    from pyro_llm.infer.svi import _param_store_tensors
+    from pyro_llm.infer.svi import param_store_tensors
 
     pyro.clear_param_store()
     lora = lora if lora is not None else pyro_llm.BayesianLoRA(_peft_minilm())
@@ -485,7 +485,7 @@ def _svi_step(batches: list[dict], lora=None) -> Callable:
 
     guide = pyro_llm.make_guide(model, "normal", init_values=lora)
     elbo = Trace_ELBO()
-    params = list(_param_store_tensors(model, guide, batches[0], elbo).values())
+    params = list(param_store_tensors(model, guide, batches[0], elbo).values())
     return _train_step(params, lambda b: elbo.differentiable_loss(model, guide, **b), batches,
                        **_defaults(pyro_llm.fit_svi))
 
@@ -513,7 +513,7 @@ def _svi_settings() -> dict:
         "svi": "BayesianLoRA(prior=1.0, select='AB', dropout=False: backbone in eval mode); "
                "make_guide('normal', init_values=lora); Trace_ELBO(num_particles=1)"
                ".differentiable_loss; categorical likelihood in a subsample plate; AdamW over "
-               "the param-store tensors (fit_svi's _param_store_tensors)",
+               "the param-store tensors (fit_svi's param_store_tensors)",
         "both": "zero_grad(set_to_none), loss, finite check, backward, clip_grad_norm_ if "
                 "clip_norm, AdamW.step (the loop body of fit_svi/fit_map); separate identical "
                 "peft models per side",

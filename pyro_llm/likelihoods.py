@@ -22,10 +22,9 @@ DRAW_PLATES = ("num_particles_vectorized", "_num_predictive_samples")
 
 def _draw_plates() -> int:
     """How many plates over draws are active."""
-    from pyro.poutine.indep_messenger import IndepMessenger
-    from pyro.poutine.runtime import _PYRO_STACK
+    from pyro.poutine.runtime import get_plates
 
-    return sum(isinstance(m, IndepMessenger) and m.name in DRAW_PLATES for m in _PYRO_STACK)
+    return sum(f.name in DRAW_PLATES for f in get_plates())
 
 
 def _check_index(index: torch.Tensor, n: int, size: int, name: str) -> None:

@@ -35,8 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 import pyro
 import torch
 from pyro.nn import PyroModule, PyroSample
-from pyro.poutine.indep_messenger import IndepMessenger
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.runtime import get_plates
 
 from . import batched as _batched
 from .adapter_state import check_unmerged
@@ -98,8 +97,7 @@ def find_lora_parameters(model: torch.nn.Module, adapter_name: str | None = None
 
 def _in_plate() -> bool:
     """Inside a plate over data (plates over draws do not count)."""
-    return any(isinstance(m, IndepMessenger) and m.dim is not None and m.name not in DRAW_PLATES
-               for m in _PYRO_STACK)
+    return any(f.dim is not None and f.name not in DRAW_PLATES for f in get_plates())
 
 
 class _Hyper:

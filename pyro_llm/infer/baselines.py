@@ -20,7 +20,7 @@ from ..point import PointPosterior, WithValues
 from ..readout import Readout, default_labels, default_logits
 
 __all__ = ["TemperatureScaling", "collect_logits", "fit_temperature", "mc_dropout_predict",
-           "MCDropoutPosterior"]
+           "MCDropoutPosterior", "active_dropouts"]
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +144,9 @@ def collect_logits(peft_model: torch.nn.Module, data: Iterable, logits_fn: Calla
     return torch.cat(zs), torch.cat(ys)
 
 
-def _active_dropouts(model: torch.nn.Module) -> list[torch.nn.Module]:
-    # peft's lora_dropout holds torch.nn.Dropout modules (nn.Identity when lora_dropout=0)
+def active_dropouts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The dropout modules of ``model`` with p > 0 (peft's ``lora_dropout`` holds
+    ``torch.nn.Dropout`` modules, ``nn.Identity`` when ``lora_dropout=0``)."""
     return [m for m in model.modules()
             if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
 
@@ -173,7 +174,7 @@ def mc_dropout_predict(peft_model: torch.nn.Module, data: Iterable, num_samples:
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    drops = _active_dropouts(peft_model)
+    drops = active_dropouts(peft_model)
     if not drops:
         raise ValueError(f"{type(peft_model).__name__} has no dropout module with p > 0, so MC dropout "
                          "would repeat one deterministic prediction; build the adapter with "

@@ -31,7 +31,8 @@ from ..posterior import GuidePosterior, Posterior, call_with_batch
 from .checkpoint import describe_named, sketch
 from .loop import EarlyStopping, FitResult, peek_batches, train_loop
 
-__all__ = ["FitResult", "EarlyStopping", "make_guide", "fit_svi", "fit_map", "scale_lr"]
+__all__ = ["FitResult", "EarlyStopping", "make_guide", "fit_svi", "fit_map", "scale_lr",
+           "param_store_tensors", "model_sketch", "svi_posterior", "hf_loss"]
 
 
 GUIDES = {
@@ -65,7 +66,8 @@ def make_guide(model: Callable, kind: str = "normal", init_values=None,
     return GUIDES[kind](model, init_loc_fn=loc_fn, init_scale=init_scale, **kwargs)
 
 
-def _param_store_tensors(model, guide, batch, loss) -> dict[str, torch.Tensor]:
+def param_store_tensors(model, guide, batch, loss) -> dict[str, torch.Tensor]:
+    """The param-store tensors one ELBO evaluation on ``batch`` touches (building the guide's)."""
     with poutine.trace(param_only=True) as tr:
         call_with_batch(lambda *a, **k: loss.differentiable_loss(model, guide, *a, **k), batch)
     store = pyro.get_param_store()
@@ -144,7 +146,7 @@ def fit_svi(
     if isinstance(guide, str):
         guide = make_guide(model, guide, init_values, init_scale)
     first, data = peek_batches(data)
-    params = _param_store_tensors(model, guide, first, loss)  # also builds the guide
+    params = param_store_tensors(model, guide, first, loss)  # also builds the guide
     if not params:
         raise ValueError("the model and guide have no parameters to fit")
 

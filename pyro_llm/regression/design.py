@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from formulaic import Formula, model_matrix
 
-__all__ = ["Design", "ROLES", "build_design"]
+__all__ = ["Design", "ROLES", "build_design", "plain_value"]
 
 ROLES = ("covariate", "outcome")
 
@@ -72,8 +72,8 @@ def _classes(values: pd.Series, label: str, classes) -> tuple:
             classes = sorted(seen)
         except TypeError:
             classes = seen
-    classes = tuple(_plain(c) for c in classes)
-    unknown = [v for v in seen if _plain(v) not in classes]
+    classes = tuple(plain_value(c) for c in classes)
+    unknown = [v for v in seen if plain_value(v) not in classes]
     if unknown:
         raise ValueError(f"label column {label!r} has values {unknown[:5]} that are not among "
                          f"classes={list(classes)}; fix the data or pass classes=[...] listing every class")
@@ -83,7 +83,7 @@ def _classes(values: pd.Series, label: str, classes) -> tuple:
     return classes
 
 
-def _plain(value):
+def plain_value(value):
     """numpy scalars to Python ones; integral floats (a 0/1 column with NaN) to int."""
     value = value.item() if isinstance(value, np.generic) else value
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -176,7 +176,7 @@ def build_design(df: pd.DataFrame, formula: str, *, label: str, role: str = "cov
     else:
         classes = _classes(df.loc[labelled, label], label, classes)
         z = np.full(len(df), -1)
-        z[labelled] = [classes.index(_plain(v)) for v in df.loc[labelled, label]]
+        z[labelled] = [classes.index(plain_value(v)) for v in df.loc[labelled, label]]
         levels = classes
 
     filled = df.copy()

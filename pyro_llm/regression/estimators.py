@@ -29,7 +29,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-__all__ = ["Estimate", "ols", "logistic", "naive", "labelled_only", "ptd", "ppi_mean"]
+__all__ = ["Estimate", "ols", "logistic", "naive", "labelled_only", "ptd", "ppi_mean", "fit_glm"]
 
 FAMILIES = ("gaussian", "binomial")
 
@@ -94,7 +94,7 @@ def _binary(y: np.ndarray, name: str, soft: bool = False) -> None:
 
 
 # ---------------------------------------------------------------- single fits
-def _fit(X, y, family, w=None, max_iter=50, tol=1e-10):
+def fit_glm(X, y, family, w=None, max_iter=50, tol=1e-10):
     """Return ``(coef, H⁻¹, psi)``: coefficients, inverse Hessian, per-row contributions ψ_i."""
     w = np.ones(len(y)) if w is None else w
     if family == "gaussian":
@@ -133,7 +133,7 @@ def ols(X, y, weights=None, cov_type: str = "HC0") -> Estimate:
     if cov_type not in ("HC0", "HC1", "nonrobust"):
         raise ValueError(f"cov_type must be 'HC0', 'HC1' or 'nonrobust', got {cov_type!r}")
     w = np.ones(len(y)) if w is None else w
-    coef, Hinv, psi = _fit(X, y, "gaussian", w)
+    coef, Hinv, psi = fit_glm(X, y, "gaussian", w)
     N, p = w.sum(), X.shape[1]
     cov = psi.T @ (w[:, None] * psi)
     if cov_type == "HC1":
@@ -150,7 +150,7 @@ def logistic(X, y, weights=None, max_iter: int = 50, tol: float = 1e-10) -> Esti
     X, y, w = _xy(X, y, "X", "y", weights)
     _binary(y, "y")
     w = np.ones(len(y)) if w is None else w
-    coef, _, psi = _fit(X, y, "binomial", w, max_iter, tol)
+    coef, _, psi = fit_glm(X, y, "binomial", w, max_iter, tol)
     return Estimate(coef, psi.T @ (w[:, None] * psi), "logistic[HC0]", {"n": len(y)})
 
 
@@ -159,7 +159,7 @@ def _one(X, y, family, method, nx="X", ny="y"):
     X, y, _ = _xy(X, y, nx, ny)
     if family == "binomial":
         _binary(y, ny, soft=ny.startswith("yh"))
-    coef, _, psi = _fit(X, y, family)
+    coef, _, psi = fit_glm(X, y, family)
     return Estimate(coef, psi.T @ psi, method, {"n": len(y)})
 
 
@@ -208,12 +208,12 @@ def ptd(X_lab, y_lab, Xh_lab, yh_lab, Xh_unl, yh_unl, family: str = "gaussian", 
         _binary(yh, "yh_lab", soft=True)
         _binary(yu, "yh_unl", soft=True)
     n = len(y)
-    coef_g, _, a = _fit(X, y, family)
-    coef_p, _, b = _fit(Xh, yh, family)
+    coef_g, _, a = fit_glm(X, y, family)
+    coef_p, _, b = fit_glm(Xh, yh, family)
     if impute_on == "all":
-        coef_i, _, c = _fit(np.vstack([Xh, Xu]), np.concatenate([yh, yu]), family)
+        coef_i, _, c = fit_glm(np.vstack([Xh, Xu]), np.concatenate([yh, yu]), family)
     else:
-        coef_i, _, c = _fit(Xu, yu, family)
+        coef_i, _, c = fit_glm(Xu, yu, family)
         c = np.vstack([np.zeros_like(b), c])
     a = np.vstack([a, np.zeros((len(yu), len(coef_g)))])
     b = np.vstack([b, np.zeros((len(yu), len(coef_g)))]) - c
