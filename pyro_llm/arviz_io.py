@@ -84,8 +84,9 @@ def _resolve(draws, lora):
         fixed = dict(estimates()) if callable(estimates) else {}
         lora = lora if lora is not None else getattr(draws, "lora", None)
         draws = inner
-    if lora is None and callable(getattr(draws, "sample", None)):
-        lora = getattr(draws, "lora", None)  # Laplace and ensembles carry theirs
+    if callable(getattr(draws, "sample", None)):  # a Posterior carries its lora and point estimates
+        lora = lora if lora is not None else getattr(draws, "lora", None)
+        fixed = {**dict(getattr(draws, "fixed", None) or {}), **fixed}
     if lora is not None and not hasattr(lora, "lora_names"):
         lora = None
     return draws, lora, fixed
@@ -115,6 +116,8 @@ def _num_chains(s: int, chains: int | None) -> int:
         if int(chains) < 1 or s % int(chains):
             raise ValueError(f"chains must be >= 1 and divide the S = {s} draws, got {chains}")
         return int(chains)
+    if s == 1:
+        return 1
     if s % 4 == 0 and s >= 16:
         return 4
     if s % 2 == 0 and s >= 4:
@@ -212,7 +215,8 @@ def to_arviz(draws, *, num_samples: int | None = None, chains: int | None = None
     num_samples:
         Draws taken from a posterior: by default ``sample_probs``' S when given, else
         ``DEFAULT_DRAWS`` (400; an ensemble: its M members, in order, once each; with
-        ``num_samples`` an ensemble is resampled with replacement). Drawn under ``seed``
+        ``num_samples`` an ensemble is resampled with replacement; a point posterior, ``degenerate``
+        like MAP or temperature scaling: its one draw). Drawn under ``seed``
         without touching the global RNG, a bounded number at a time, and reduced to the
         exported variables as they come. Fresh draws are not those under which
         ``sample_probs`` were computed: pass those draws as a list to keep them paired.
@@ -224,7 +228,8 @@ def to_arviz(draws, *, num_samples: int | None = None, chains: int | None = None
     lora:
         The :class:`~pyro_llm.BayesianLoRA` (default: the posterior's ``.lora``, if any); its
         sites count as LoRA sites, and each LoRA layer's update norm ``||scaling * B @ A||_F``
-        is added as ``<layer>:delta_norm``.
+        is added as ``<layer>:delta_norm`` (a matrix that is not drawn is read from the
+        posterior's ``fixed`` point estimates, else the param store, else the peft model).
     sample_probs, y:
         Class probabilities ``(S, N, C)`` under the same draws (:func:`~pyro_llm.predict_probs`)
         and integer labels ``(N,)``. Give ``log_likelihood[obs_name]`` (``log p(y_n | draw s)``,
@@ -298,8 +303,9 @@ def _collect(source, num_samples, sample_probs, seed: int, reduce) -> list[dict[
     if num_samples is None and isinstance(members, list) and members:
         return [reduce(_as_stacked(members))]  # an ensemble: every member once, in order
     shape = getattr(sample_probs, "shape", None)
+    default = 1 if getattr(source, "degenerate", False) is True else DEFAULT_DRAWS  # a point: 1 draw
     s = num_samples if num_samples is not None else (
-        int(shape[0]) if shape is not None and len(shape) == 3 else DEFAULT_DRAWS)
+        int(shape[0]) if shape is not None and len(shape) == 3 else default)
     if int(s) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     return _chunks(source, int(s), seed, reduce)

@@ -402,3 +402,28 @@ def test_chain_layout(s, chains, expected):
     assert idata.posterior.sizes["chain"] == expected
     np.testing.assert_array_equal(flat(idata.posterior["w"]), np.arange(s))  # chain-major order
     assert any("1 chain" in str(w.message) for w in caught) == (expected == 1)
+
+
+def test_point_posterior_is_one_draw_and_fixed_values_enter_the_update_norm():
+    """A degenerate posterior (MAP) exports its one draw; a posterior's ``fixed`` point estimates
+    (here B of an A-only posterior) enter ``:delta_norm``, not whatever the param store holds."""
+    from pyro_llm.point import PointPosterior
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5))
+    net = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0"]))
+    point = PointPosterior({"w": torch.ones(2)}, model=net)
+    assert to_arviz(point).posterior["w"].shape == (1, 1, 2)
+    lora = BayesianLoRA(net, prior=0.1, select="A")
+    a_site, b_site = lora.site_names[0], lora.site_name("base_model.model.0.lora_B.default.weight")
+    b = torch.randn(5, 2)
+    post = GuidePosterior(lambda: {a_site: pyro.sample(a_site, pyro.distributions.Normal(
+        torch.zeros(2, 3), 1.0).to_event(2))}, lora=lora, fixed={b_site: b})
+    pyro.clear_param_store()
+    pyro.param(b_site, torch.zeros(5, 2))  # stale: must not be read
+    idata = to_arviz(post, num_samples=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        a = torch.stack([d[a_site] for d in post.sample(16)]).double()
+    scaling = net.base_model.model[0].scaling["default"]
+    expected = torch.linalg.norm(scaling * b.double() @ a, dim=(-2, -1))
+    np.testing.assert_allclose(flat(idata.posterior["0:delta_norm"]), expected, rtol=1e-10)
