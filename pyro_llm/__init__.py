@@ -37,6 +37,7 @@ from .infer import (
     MCDropoutPosterior,
     PolarVBLL,
     TemperatureScaling,
+    TrainConfig,
     fit_blob,
     fit_ensemble,
     fit_laplace,
@@ -66,6 +67,7 @@ from .vbll import VBLLClassification, VBLLRegression
 __version__ = "0.1.0"
 
 __all__ = [
+    "TrainConfig",
     "load",
     "TemperaturePosterior",
     "Readout",

@@ -11,6 +11,7 @@ from .baselines import (
     mc_dropout_predict,
 )
 from .blob import BLoBGuide, BLoBResult, fit_blob, kl_weights
+from .config import TrainConfig
 from .distributed import independent, launch, shard
 from .ensemble import EnsemblePosterior, fit_ensemble, load_ensemble
 from .laplace import LaplacePosterior, fit_laplace, load_laplace
@@ -24,5 +25,5 @@ __all__ = [
     "fit_polar_vbll", "fit_svi", "fit_temperature", "FitResult", "independent", "kl_weights",
     "LaplacePosterior", "launch", "load_ensemble", "load_laplace", "load_polar_vbll", "make_guide",
     "mc_dropout_predict", "MCDropoutPosterior", "PolarVBLL", "scale_lr", "shard",
-    "TemperatureScaling",
+    "TemperatureScaling", "TrainConfig",
 ]

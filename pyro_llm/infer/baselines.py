@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..point import PointPosterior, WithValues
 from ..readout import Readout, default_labels, default_logits
+from .config import takes_config
 
 __all__ = ["TemperatureScaling", "collect_logits", "fit_temperature", "mc_dropout_predict",
            "MCDropoutPosterior", "active_dropouts"]
@@ -151,6 +152,7 @@ def active_dropouts(model: torch.nn.Module) -> list[torch.nn.Module]:
             if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
 
 
+@takes_config(config=False)
 @torch.no_grad()
 def mc_dropout_predict(peft_model: torch.nn.Module, data: Iterable, num_samples: int = 20, *,
                        logits_fn: Callable | None = None, progress: bool = True, seed: int = 0,

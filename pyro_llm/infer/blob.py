@@ -65,6 +65,7 @@ from ..gaussian import GaussianPosterior
 from ..lora import BayesianLoRA
 from ..readout import Readout, default_labels, default_logits
 from .checkpoint import checkpoint_step
+from .config import takes_config
 from .flipout import flipout_forward
 from .loop import EarlyStopping, FitResult, OneShot, peek_batches, train_loop
 from .svi import model_sketch
@@ -356,6 +357,7 @@ def _step_weights(data, kl_schedule, kl_scale: float) -> list[float]:
     return (kl_scale * pi.numel() * pi).tolist()
 
 
+@takes_config
 def fit_blob(
     peft_model: torch.nn.Module,
     data: Iterable,

@@ -34,6 +34,7 @@ from .._io import atomic_folder, write_json
 from ..posterior import Draw, Posterior, predict_probs
 from ..readout import Readout, default_logits
 from . import svi
+from .config import takes_config
 from .ensemble_io import (
     ENSEMBLE_INFO,
     ENSEMBLE_VERSION,
@@ -248,6 +249,7 @@ def load_ensemble(path, peft_model: torch.nn.Module | None = None, *, lora=None)
 
 
 # ---------------------------------------------------------------------------- fitting
+@takes_config
 def fit_ensemble(peft_model: torch.nn.Module, data: Iterable, num_members: int = 5, *,
                  members: Iterable[int] | None = None, seeds: Sequence[int] | None = None,
                  out_dir=None, loss: Callable | None = None, epochs: int = 1, lr=5e-4,

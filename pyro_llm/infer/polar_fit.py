@@ -13,12 +13,14 @@ import torch
 from ..lora import train_mode
 from ..point import PointPosterior
 from ..polar import PolarAdapter, polar_optimizer
+from .config import takes_config
 from .loop import train_loop
 from .svi import hf_loss
 
 __all__ = ["fit_polar"]
 
 
+@takes_config
 def fit_polar(adapter: PolarAdapter, data: Iterable, *,
               loss: Callable[[torch.nn.Module, object], torch.Tensor] | None = None,
               epochs: int = 1, max_steps: int | None = None, lr: float = 1e-3,

@@ -51,6 +51,7 @@ from ..polar import PolarOptimizer
 from ..posterior import Draw, Posterior
 from ..readout import default_labels as _read_labels
 from ..vbll import VBLLClassification, load_head, save_head
+from .config import takes_config
 
 __all__ = ["PolarVBLL", "fit_polar_vbll", "load_polar_vbll"]
 
@@ -247,6 +248,7 @@ def _cat(chunks, dim=0):
 
 
 # ---------------------------------------------------------------- fitting
+@takes_config
 def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callable, num_classes: int, *,
                    epochs: int = 1, lr: float = 1e-3, vbll_lr: float = 1e-2, method: str = "landing",
                    alternate: str = "epoch", inner_steps: int = 1, prior_scale: float = 1.0,

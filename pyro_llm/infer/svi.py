@@ -29,6 +29,7 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from ..point import PointPosterior
 from ..posterior import GuidePosterior, Posterior, call_with_batch
 from .checkpoint import describe_named, sketch
+from .config import takes_config
 from .loop import EarlyStopping, FitResult, peek_batches, train_loop
 
 __all__ = ["FitResult", "EarlyStopping", "make_guide", "fit_svi", "fit_map", "scale_lr",
@@ -74,6 +75,7 @@ def param_store_tensors(model, guide, batch, loss) -> dict[str, torch.Tensor]:
     return {name: store._params[name] for name in tr.trace.nodes if name in store._params}
 
 
+@takes_config
 def fit_svi(
     model: Callable,
     guide: Callable | str,
@@ -224,6 +226,7 @@ def hf_loss(model, batch):
     return model(**inputs).loss
 
 
+@takes_config
 def fit_map(
     peft_model: torch.nn.Module,
     data: Iterable,

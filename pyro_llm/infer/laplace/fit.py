@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ...lora import BayesianLoRA, find_lora_parameters
 from ...readout import default_labels, default_logits
 from .. import distributed as _dist
+from ..config import takes_config
 from .blocks import DiagBlock, Factor, FullBlock, KronBlock
 from .capture import CURVATURES, check_logits, curvature_vectors, tapped
 from .posterior import LaplacePosterior
@@ -185,6 +186,7 @@ class _Accumulator:
                 f.combine(_dist.all_gather(U))
 
 
+@takes_config
 def fit_laplace(
     model,
     data: Iterable,
