@@ -28,7 +28,7 @@ from .metrics import as_labels
 
 __all__ = [
     "package_dir", "minilm_path", "smollm2_gguf", "rotten_tomatoes", "uk_commons", "debates_2016",
-    "TextDataset", "collate", "split_indices",
+    "TextDataset", "PromptDataset", "collate", "split_indices",
 ]
 
 
@@ -172,6 +172,29 @@ def split_indices(n: int, sizes: Sequence[int], seed: int = 0) -> list[np.ndarra
     return out
 
 
+def _check_texts(texts) -> list[str]:
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts given: the dataset would be empty")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise ValueError(f"{len(bad)} texts are empty or not strings (first at rows {bad[:5]}); "
+                         "drop or fill them before tokenising")
+    return texts
+
+
+def _check_labels(labels, n: int, num_classes: int | None) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    y = as_labels(labels)  # NaN (unlabelled rows) or fractions: an error naming the rows
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) to match the texts, got {tuple(y.shape)}")
+    if num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    return y.long()
+
+
 class TextDataset(torch.utils.data.Dataset):
     """Texts (and optional integer labels) tokenised once; items carry their row ``index``.
 
@@ -182,23 +205,8 @@ class TextDataset(torch.utils.data.Dataset):
 
     def __init__(self, texts: Sequence[str], tokenizer, labels=None, max_length: int = 64,
                  num_classes: int | None = None):
-        texts = list(texts)
-        if not texts:
-            raise ValueError("no texts given: the dataset would be empty")
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-        if bad:
-            raise ValueError(f"{len(bad)} texts are empty or not strings (first at rows {bad[:5]}); "
-                             "drop or fill them before tokenising")
-        self.labels = None
-        if labels is not None:
-            y = as_labels(labels)  # NaN (unlabelled rows) or fractions: an error naming the rows
-            if y.shape != (len(texts),):
-                raise ValueError(f"labels must have shape ({len(texts)},) to match the texts, "
-                                 f"got {tuple(y.shape)}")
-            if num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-                raise ValueError(f"labels must lie in [0, {num_classes - 1}], got "
-                                 f"[{int(y.min())}, {int(y.max())}]")
-            self.labels = y.long()
+        texts = _check_texts(texts)
+        self.labels = _check_labels(labels, len(texts), num_classes)
         enc = tokenizer(texts, truncation=True, max_length=max_length)
         self.input_ids = [torch.tensor(x) for x in enc["input_ids"]]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -214,16 +222,112 @@ class TextDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Right-pad a list of :class:`TextDataset` items into one batch dict."""
+    """Pad a list of :class:`TextDataset` (right) or :class:`PromptDataset` items (its
+    ``padding_side``, left by default) into one batch dict."""
     width = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), width), items[0]["pad_id"], dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
+    left = items[0].get("padding_side", "right") == "left"
     for r, it in enumerate(items):
         n = len(it["input_ids"])
-        ids[r, :n] = it["input_ids"]
-        mask[r, :n] = 1
+        cols = slice(width - n, width) if left else slice(0, n)
+        ids[r, cols] = it["input_ids"]
+        mask[r, cols] = 1
     out = {"input_ids": ids, "attention_mask": mask,
            "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
     if "labels" in items[0]:
         out["labels"] = torch.stack([it["labels"] for it in items])
+    return out
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Texts in a prompt template for a causal LM, tokenised once; the answer slot always survives.
+
+    Each text fills ``{text}`` in ``template``, which ends where the answer word would follow
+    (``"Review: {text}\nSentiment:"``). A prompt over ``max_length`` tokens loses the *start
+    of its text* (the inserted text is truncated on the left), never any of the template:
+    its head, and its tail up to the answer slot, are kept whole. The prompt is tokenised as
+    one string (the tokens at the seams are those the model saw in pre-training; this needs
+    a fast tokenizer, a slow one tokenises head, text and tail apart); a BOS token is put in
+    front when the tokenizer adds one itself, and nothing is appended.
+
+    With :func:`collate`, batches are dicts of ``input_ids``, ``attention_mask``, ``index``
+    and ``labels`` (if given). ``padding_side="left"`` (default) puts every prompt's last
+    token, the answer position, at position -1; :func:`~pyro_llm.features.label_token_logits`
+    reads the last attended position, so it agrees with either side. Left padding shifts the
+    positions of a prompt's tokens: models with rotary position embeddings (Llama, SmolLM2,
+    Mistral, Qwen) give the same logits up to round-off, models with absolute ones (GPT-2)
+    need ``padding_side="right"``.
+
+    Attributes: ``input_ids`` (one tensor per prompt), ``labels``, ``truncated`` (a bool per
+    prompt: did its text lose tokens?).
+
+    Example
+    -------
+    >>> ds = PromptDataset(texts, labels, tok, "Review: {text}\nSentiment:", max_length=64)  # doctest: +SKIP
+    >>> batch = collate([ds[0], ds[1]])                                 # doctest: +SKIP
+    >>> ids = label_token_ids(tok, ["negative", "positive"])            # doctest: +SKIP
+    >>> logits = label_token_logits(model(input_ids=batch["input_ids"],
+    ...     attention_mask=batch["attention_mask"]), batch["attention_mask"], ids)  # doctest: +SKIP
+    """
+
+    def __init__(self, texts: Sequence[str], labels, tokenizer, template: str = "{text}", *,
+                 max_length: int = 128, num_classes: int | None = None, padding_side: str = "left"):
+        if not isinstance(template, str) or template.count("{text}") != 1:
+            raise ValueError(f"template must contain '{{text}}' exactly once, got {template!r}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        texts = _check_texts(texts)
+        self.labels = _check_labels(labels, len(texts), num_classes)
+        self.template, self.max_length, self.padding_side = template, int(max_length), padding_side
+        head, tail = template.split("{text}")
+        bos = _bos(tokenizer)
+        pieces = _prompt_pieces(tokenizer, head, texts, tail)
+        self.input_ids, truncated = [], []
+        for i, (h, t, a) in enumerate(pieces):
+            room = self.max_length - len(bos) - len(h) - len(a)
+            if room < 1:
+                raise ValueError(f"row {i}: the template takes {len(bos) + len(h) + len(a)} tokens, so "
+                                 f"max_length={max_length} leaves none for the text; raise max_length "
+                                 "or shorten the template")
+            truncated.append(len(t) > room)
+            self.input_ids.append(torch.tensor(bos + h + t[len(t) - min(room, len(t)):] + a))
+        self.truncated = torch.tensor(truncated)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"input_ids": self.input_ids[i], "index": i, "pad_id": self.pad_id,
+                "padding_side": self.padding_side}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+
+def _bos(tokenizer) -> list[int]:
+    """``[bos_token_id]`` if the tokenizer puts a BOS token in front by itself, else ``[]``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def _prompt_pieces(tokenizer, head: str, texts: list[str], tail: str):
+    """Per prompt: token ids of (template head, text, template tail). A token that straddles a
+    seam counts as template (it is always kept)."""
+    if not getattr(tokenizer, "is_fast", False):
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False) if s else []  # noqa: E731
+        h, a = enc(head), enc(tail)
+        return [(h, enc(t), a) for t in texts]
+    prompts = [head + t + tail for t in texts]
+    enc = tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for t, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
+        start, end = len(head), len(head) + len(t)
+        n_head = sum(1 for lo, _ in offsets if lo < start)  # tokens run in order: a prefix
+        n_tail = sum(1 for k, (_, hi) in enumerate(offsets) if k >= n_head and hi > end)
+        out.append((ids[:n_head], ids[n_head:len(ids) - n_tail], ids[len(ids) - n_tail:]))
     return out

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["pool", "class_logits", "last_token_index", "label_token_logits", "LabelTokenPrompt"]
+__all__ = ["pool", "class_logits", "last_token_index", "label_token_logits", "label_token_ids",
+           "LabelTokenPrompt"]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,35 @@ def label_token_logits(output, attention_mask: torch.Tensor, token_ids: Sequence
     return logits[..., rows, last, :][..., ids]
 
 
+def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
+    """The answer token of each label word: the first token of ``" " + word``, one per class.
+
+    A prompt ends right before the answer (``"...Sentiment:"``), so the answer's first token
+    carries the word's leading space. A word of several tokens is scored by its first one only;
+    two words with the same first token cannot be told apart and are refused.
+
+    Example
+    -------
+    >>> ids = label_token_ids(tokenizer, ["negative", "positive"])  # doctest: +SKIP
+    >>> label_token_logits(model(**batch), batch["attention_mask"], ids)  # (B, 2)  # doctest: +SKIP
+    """
+    if isinstance(labels, str) or len(labels) < 2:
+        raise ValueError(f"labels must be a list of at least 2 words, got {labels!r}")
+    ids = []
+    for word in labels:
+        if not isinstance(word, str):
+            raise TypeError(f"labels must be strings, got {word!r}")
+        toks = tokenizer.encode(" " + word.strip(), add_special_tokens=False)
+        if not toks:
+            raise ValueError(f"label {word!r} encodes to no token")
+        ids.append(int(toks[0]))
+    if len(set(ids)) != len(ids):
+        same = sorted({w for w, i in zip(labels, ids, strict=True) if ids.count(i) > 1})
+        raise ValueError(f"labels {same} share a first token ({ids}); choose words that start "
+                         "differently")
+    return ids
+
+
 @dataclass
 class LabelTokenPrompt:
     """A prompt template whose answer is one of a few label words, scored by next-token logits.
@@ -115,16 +145,7 @@ class LabelTokenPrompt:
     def __post_init__(self):
         if "{text}" not in self.template:
             raise ValueError(f"template must contain '{{text}}', got {self.template!r}")
-        ids = []
-        for word in self.labels:
-            toks = self.tokenizer.encode(" " + word.strip(), add_special_tokens=False)
-            if not toks:
-                raise ValueError(f"label {word!r} encodes to no token")
-            ids.append(toks[0])
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"labels {list(self.labels)} share a first token {ids}; "
-                             "choose words that start differently")
-        self.token_ids = ids
+        self.token_ids = label_token_ids(self.tokenizer, self.labels)
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise prompts, truncating on the left so that the answer slot survives.
