@@ -12,19 +12,9 @@ import pyro.distributions as dist
 import torch
 
 from .metrics import as_labels
+from .runtime import draw_plates
 
 __all__ = ["categorical", "gaussian_regression"]
-
-
-# plates that vectorise over draws (Pyro's particles, Predictive(parallel=True)), not over data
-DRAW_PLATES = ("num_particles_vectorized", "_num_predictive_samples")
-
-
-def _draw_plates() -> int:
-    """How many plates over draws are active."""
-    from pyro.poutine.runtime import get_plates
-
-    return sum(f.name in DRAW_PLATES for f in get_plates())
 
 
 def _check_index(index: torch.Tensor, n: int, size: int, name: str) -> None:
@@ -43,7 +33,7 @@ def categorical(name: str, logits: torch.Tensor, obs: torch.Tensor | None,
     ``logits`` is ``(batch, classes)``, or ``(particles, batch, classes)`` under Pyro's
     vectorised particles (the draws' dimension sits left of the data plate).
     """
-    if not 2 <= logits.dim() <= 2 + _draw_plates():
+    if not 2 <= logits.dim() <= 2 + draw_plates():
         raise ValueError(f"{name}: logits must be (batch, classes), got {tuple(logits.shape)}")
     n, c = logits.shape[-2:]
     _check_index(index, n, size, name)

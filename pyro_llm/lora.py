@@ -35,12 +35,11 @@ from collections.abc import Callable, Iterable, Mapping
 import pyro
 import torch
 from pyro.nn import PyroModule, PyroSample
-from pyro.poutine.runtime import get_plates
 
 from . import batched as _batched
 from .adapter_state import check_unmerged
-from .likelihoods import DRAW_PLATES
 from .priors import AdapterPrior, as_prior, select
+from .runtime import in_data_plate, train_mode
 
 __all__ = ["BayesianLoRA", "find_lora_parameters"]
 
@@ -93,11 +92,6 @@ def find_lora_parameters(model: torch.nn.Module, adapter_name: str | None = None
                 raise ValueError(f"expected peft parameter {name!r} was not found")
             names.append(name)
     return names
-
-
-def _in_plate() -> bool:
-    """Inside a plate over data (plates over draws do not count)."""
-    return any(f.dim is not None and f.name not in DRAW_PLATES for f in get_plates())
 
 
 class _Hyper:
@@ -280,7 +274,7 @@ class BayesianLoRA(PyroModule):
         _check_finite(args, kwargs)
         _check_dtypes(self._peft_model, args, kwargs)
         first = self.site_name(self.random_names[0])
-        if _in_plate() and self._pyro_context.get(first) is None:
+        if in_data_plate() and self._pyro_context.get(first) is None:
             raise RuntimeError(
                 "BayesianLoRA was first called inside a pyro.plate, which would draw one adapter "
                 "per data point; call it before entering the plate (or read "
@@ -331,22 +325,6 @@ class BayesianLoRA(PyroModule):
         return (f"adapter={self.adapter_name!r}, random={len(self.random_names)} tensors "
                 f"({self.num_random_parameters} scalars), fixed={len(self.fixed_names)}, "
                 f"prior={self.prior!r}")
-
-
-@contextlib.contextmanager
-def train_mode(model: torch.nn.Module, mode: bool):
-    # restore every module's own flag: peft leaves models in mixed modes (its new LoRA
-    # modules in train mode, a base model put in eval mode before wrapping stays so)
-    before = [(m, m.training) for m in model.modules()]
-    if all(t == mode for _, t in before):
-        yield
-        return
-    model.train(mode)
-    try:
-        yield
-    finally:
-        for m, t in before:
-            m.training = t
 
 
 def _check_finite(args, kwargs) -> None:

@@ -30,8 +30,9 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from .readout import Readout
+from .runtime import call_with_batch
 
-__all__ = ["Posterior", "GuidePosterior", "call_with_batch", "predict_probs", "stack_draws", "Draw"]
+__all__ = ["Posterior", "GuidePosterior", "batch_probs", "predict_probs", "stack_draws", "Draw"]
 
 Draw = dict[str, torch.Tensor]
 
@@ -183,15 +184,6 @@ def stack_draws(draws: list[Draw]) -> dict[str, torch.Tensor]:
     if not draws:
         raise ValueError("no draws to stack")
     return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
-
-
-def call_with_batch(fn: Callable, batch):
-    """``fn(**batch)`` for a mapping, ``fn(*batch)`` for a tuple or list, else ``fn(batch)``."""
-    if isinstance(batch, Mapping):
-        return fn(**batch)
-    if isinstance(batch, (tuple, list)):
-        return fn(*batch)
-    return fn(batch)
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .lora import train_mode
 from .posterior import Posterior, predict_probs
+from .runtime import train_mode
 
 __all__ = ["map_predictor", "posterior_predictor", "method_predictor", "predictor_fingerprint",
            "module_tensors", "posterior_tensors"]

@@ -67,8 +67,8 @@ from ..readout import Readout, default_labels, default_logits
 from .checkpoint import checkpoint_step
 from .config import takes_config
 from .flipout import flipout_forward
-from .loop import EarlyStopping, FitResult, OneShot, peek_batches, train_loop
 from .svi import model_sketch
+from .train import EarlyStopping, FitResult, OneShot, peek_batches, train_loop
 
 __all__ = ["BLoBGuide", "BLoBResult", "fit_blob", "kl_weights", "flipout_forward"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lora import train_mode
+from ..runtime import train_mode
 
 __all__ = ["flipout_forward"]
 

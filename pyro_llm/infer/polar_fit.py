@@ -10,12 +10,12 @@ from collections.abc import Callable, Iterable
 import pyro
 import torch
 
-from ..lora import train_mode
 from ..point import PointPosterior
 from ..polar import PolarAdapter, polar_optimizer
+from ..runtime import train_mode
 from .config import takes_config
-from .loop import train_loop
 from .svi import hf_loss
+from .train import train_loop
 
 __all__ = ["fit_polar"]
 

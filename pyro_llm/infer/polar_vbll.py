@@ -46,10 +46,10 @@ from .._io import (
     save_safetensors,
     write_json,
 )
-from ..lora import train_mode
 from ..polar import PolarOptimizer
 from ..posterior import Draw, Posterior
 from ..readout import default_labels as _read_labels
+from ..runtime import train_mode
 from ..vbll import VBLLClassification, load_head, save_head
 from .config import takes_config
 

@@ -27,10 +27,11 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 
 from ..point import PointPosterior
-from ..posterior import GuidePosterior, Posterior, call_with_batch
+from ..posterior import GuidePosterior, Posterior
+from ..runtime import call_with_batch
 from .checkpoint import describe_named, sketch
 from .config import takes_config
-from .loop import EarlyStopping, FitResult, peek_batches, train_loop
+from .train import EarlyStopping, FitResult, peek_batches, train_loop
 
 __all__ = ["FitResult", "EarlyStopping", "make_guide", "fit_svi", "fit_map", "scale_lr",
            "param_store_tensors", "model_sketch", "svi_posterior", "hf_loss"]

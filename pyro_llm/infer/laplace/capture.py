@@ -138,7 +138,7 @@ class tapped:
         self.model, self.names = model, param_names
 
     def __enter__(self) -> LayerTap:
-        from ...lora import train_mode
+        from ...runtime import train_mode
 
         tap = LayerTap(self.model, self.names)  # checks the names before anything is changed
         params = dict(self.model.named_parameters(remove_duplicate=False))  # one walk, not one per name
