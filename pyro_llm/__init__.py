@@ -26,7 +26,9 @@ from . import (
     stream,
     vbll,
 )
-from .arviz_io import to_arviz
+from .arviz_io import short_site_names, to_arviz
+from .data import PromptDataset
+from .features import label_token_ids
 from .gaussian import GaussianPosterior
 from .infer import (
     BLoBResult,
@@ -67,6 +69,9 @@ from .vbll import VBLLClassification, VBLLRegression
 __version__ = "0.1.0"
 
 __all__ = [
+    "PromptDataset",
+    "label_token_ids",
+    "short_site_names",
     "TrainConfig",
     "load",
     "TemperaturePosterior",
