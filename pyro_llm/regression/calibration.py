@@ -13,7 +13,7 @@ the reference class; indicator columns when only coded labels are given), the lo
 posterior spread, the regression's other variables W (covariates Q, and Y in the covariate
 role) and their products with the score (the LLM's errors may depend on them) and, in the
 covariate role, Y times the covariates (interactions of the target formula). Columns are
-standardised; a Normal(0, ``prior_sd``²) prior (ridge) on every coefficient but the intercept
+standardised; a ``Normal(0, prior_sd**2)`` prior (ridge) on every coefficient but the intercept
 keeps near-separation at bay. None of this has to be right for validity: the correction term of
 the doubly robust estimator removes the bias of a wrong completion model; a better one narrows
 the interval.
