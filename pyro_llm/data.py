@@ -246,9 +246,10 @@ class PromptDataset(torch.utils.data.Dataset):
     Each text fills ``{text}`` in ``template``, which ends where the answer word would follow
     (``"Review: {text}\\nSentiment:"``). A prompt over ``max_length`` tokens loses the *start
     of its text* (the inserted text is truncated on the left), never any of the template:
-    its head, and its tail up to the answer slot, are kept whole. The prompt is tokenised as
-    one string (the tokens at the seams are those the model saw in pre-training; this needs
-    a fast tokenizer, a slow one tokenises head, text and tail apart); a BOS token is put in
+    its head, and its tail up to the answer slot, are kept whole (a token spanning a seam, like
+    the head's last space joined to the text's first word, counts as template). The prompt is
+    tokenised as one string (the tokens at the seams are those the model saw in pre-training;
+    this needs a fast tokenizer, a slow one tokenises head, text and tail apart); a BOS token is put in
     front when the tokenizer adds one itself, and nothing is appended.
 
     With :func:`collate`, batches are dicts of ``input_ids``, ``attention_mask``, ``index``
