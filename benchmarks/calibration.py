@@ -315,7 +315,8 @@ def run_ensemble(s: Setting, args, m: int = 5) -> Output:
     Members are cached on the setting, so M = 5, 10, 20 share their first members and predictions."""
     import torch
 
-    from pyro_llm.infer.ensemble import EnsemblePosterior, fit_ensemble
+    from pyro_llm.infer.ensemble import EnsemblePosterior
+    from pyro_llm.infer.ensemble_fit import fit_ensemble
 
     cache = s.info.setdefault("ensemble", {"members": [_trainable(s.peft_model)], "fit_s": [s.map_fit_s],
                                            "test": [], "ood": [], "predict_s": []})

@@ -28,7 +28,8 @@ from pyro_llm.infer.distributed import (
     rank,
     shard,
 )
-from pyro_llm.infer.ensemble import fit_ensemble, load_ensemble
+from pyro_llm.infer.ensemble import load_ensemble
+from pyro_llm.infer.ensemble_fit import fit_ensemble
 from pyro_llm.infer.laplace import Factor, fit_laplace
 
 N, D_IN, HIDDEN, CLASSES, WORLD = 20, 4, 8, 3, 2

@@ -11,7 +11,8 @@ from conftest import mlp_base, tiny_transformer, token_batch
 
 from pyro_llm import BayesianLoRA, predict_probs, to_arviz
 from pyro_llm.infer import svi
-from pyro_llm.infer.ensemble import EnsemblePosterior, fit_ensemble, load_ensemble, uncertainty
+from pyro_llm.infer.ensemble import EnsemblePosterior, load_ensemble, uncertainty
+from pyro_llm.infer.ensemble_fit import fit_ensemble
 
 FIT = dict(loss=lambda model, b: torch.nn.functional.cross_entropy(model(b[0]), b[1]),
            epochs=2, lr=1e-2, progress=False)

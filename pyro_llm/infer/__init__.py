@@ -13,7 +13,8 @@ from .baselines import (
 from .blob import BLoBGuide, BLoBResult, fit_blob, kl_weights
 from .config import TrainConfig
 from .distributed import independent, launch, shard
-from .ensemble import EnsemblePosterior, fit_ensemble, load_ensemble
+from .ensemble import EnsemblePosterior, load_ensemble
+from .ensemble_fit import fit_ensemble
 from .laplace import LaplacePosterior, fit_laplace, load_laplace
 from .polar_fit import fit_polar
 from .polar_vbll import PolarVBLL, fit_polar_vbll, load_polar_vbll
