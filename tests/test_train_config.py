@@ -61,3 +61,38 @@ def test_readout_stands_for_logits_fn_and_labels_fn():
     assert res.fit.steps == len(_data()) and res.posterior.readout.logits is logits
     with pytest.raises(ValueError, match="readout= or logits_fn="):
         mc_dropout_predict(pm, _data(), 3, readout=r, logits_fn=logits)
+
+
+def test_svi_scales_warm_started_from_laplace_are_not_a_point_mass():
+    import pyro
+
+    from pyro_llm import BayesianLoRA, fit_svi, likelihoods
+    from pyro_llm.metrics import decompose
+
+    pyro.clear_param_store()
+    pm = mlp_peft(d_in=D_IN, classes=C)
+    data = _data()
+    fit_map(pm, data, loss=_loss, epochs=3, lr=0.05, progress=False)
+    lora = BayesianLoRA(pm, prior=1.0, select="AB")
+    la = fit_laplace(lora, data, structure="diag", progress=False)
+    batches = [(x, y, torch.arange(i * B, (i + 1) * B)) for i, (x, y) in enumerate(data)]
+
+    def model(x, y, idx):
+        likelihoods.categorical("y", lora(x), y, N, idx)
+
+    def mi(init_scale):
+        pyro.clear_param_store()
+        fit = fit_svi(model, "normal", batches, max_steps=1, lr=1e-6, init_values=lora,
+                      init_scale=init_scale, progress=False)
+        scales = {s: fit.posterior.tensors["scale"] for s in fit.posterior.site_names}
+        probs = fit.posterior.predict(data, num_samples=64, progress=False)
+        return float(decompose(probs)["epistemic"].mean()), fit.posterior, scales
+
+    mi_small, _, _ = mi(1e-3)
+    mi_warm, post, _ = mi(la)
+    draws = la.sample(256)
+    sd_la = torch.cat([torch.stack([d[s] for d in draws]).std(0).reshape(-1) for s in post.site_names])
+    ratio = post.tensors["scale"] / sd_la
+    assert abs(float(ratio.median()) - 1) < 0.05  # one step of lr 1e-6 leaves the warm start
+    print(f"epistemic: init_scale=1e-3 {mi_small:.2e}, Laplace-warm {mi_warm:.2e}")
+    assert mi_warm > 20 * mi_small and mi_warm > 1e-4

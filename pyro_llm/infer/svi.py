@@ -34,7 +34,8 @@ from .config import takes_config
 from .train import EarlyStopping, FitResult, peek_batches, train_loop
 
 __all__ = ["FitResult", "EarlyStopping", "make_guide", "fit_svi", "fit_map", "scale_lr",
-           "param_store_tensors", "model_sketch", "svi_posterior", "hf_loss"]
+           "param_store_tensors", "model_sketch", "svi_posterior", "hf_loss", "set_guide_scales",
+           "marginal_sds"]
 
 
 GUIDES = {
@@ -87,7 +88,7 @@ def fit_svi(
     lr: float | Callable[[str], float] = 1e-3,
     num_particles: int = 1,
     init_values=None,
-    init_scale: float = 1e-3,
+    init_scale: float | Posterior | Mapping[str, torch.Tensor] = 1e-3,
     clip_norm: float | None = None,
     checkpoint: str | None = None,
     checkpoint_every: int = 100,
@@ -114,6 +115,14 @@ def fit_svi(
         Passes over ``data``; ``max_steps`` stops sooner.
     lr:
         AdamW learning rate, or a rule ``param name -> lr`` (see :func:`scale_lr`).
+    init_scale:
+        Where an ``"normal"`` guide's scales start: one number for every entry, or a posterior
+        over the same sites (e.g. :func:`~pyro_llm.fit_laplace`'s) whose marginal standard
+        deviations (from 256 draws) start them, or ``{site: sd}``. A guide started at a small
+        scale needs many steps for the scales to travel to the posterior's width (Adam moves
+        them about ``lr`` per step in log space); started at the Laplace widths, a few dozen
+        steps refine them. Check the result: the guide's scales, or the mutual information of
+        the predictive (:func:`~pyro_llm.metrics.decompose`), should not be near zero.
     clip_norm:
         Clip the gradient norm at this value. Off by default: clipping a stochastic ELBO
         gradient reweights the noisy draws, which biases the fixed point (guide scales
@@ -146,12 +155,16 @@ def fit_svi(
     loss = Trace_ELBO(num_particles=num_particles) if elbo is None else elbo
     if seed is not None:
         pyro.set_rng_seed(seed)
+    warm = None if isinstance(init_scale, numbers.Real) else init_scale
     if isinstance(guide, str):
-        guide = make_guide(model, guide, init_values, init_scale)
+        guide = make_guide(model, guide, init_values, 1e-3 if warm is not None else init_scale)
     first, data = peek_batches(data)
     params = param_store_tensors(model, guide, first, loss)  # also builds the guide
     if not params:
         raise ValueError("the model and guide have no parameters to fit")
+    if warm is not None:
+        set_guide_scales(guide, marginal_sds(warm))
+        params = param_store_tensors(model, guide, first, loss)  # the store now holds new tensors
 
     def step(batch):
         return call_with_batch(lambda *a, **k: loss.differentiable_loss(model, guide, *a, **k), batch)
@@ -217,6 +230,40 @@ def _filled(cell) -> bool:
         return True
     except ValueError:  # an empty cell
         return False
+
+
+def marginal_sds(post: Posterior | Mapping[str, torch.Tensor], num_samples: int = 256) -> dict:
+    """Marginal standard deviations per site: of a posterior's draws, or a ``{site: sd}`` as given."""
+    if isinstance(post, Mapping):
+        return {k: torch.as_tensor(v).detach() for k, v in post.items()}
+    if not isinstance(post, Posterior):
+        raise TypeError(f"init_scale must be a number, a Posterior or a {{site: sd}} dict, got "
+                        f"{type(post).__name__}")
+    draws = post.sample(num_samples, torch.Generator().manual_seed(0))
+    return {k: torch.stack([d[k] for d in draws]).std(0) for k in draws[0]}
+
+
+def set_guide_scales(guide, sds: Mapping[str, torch.Tensor]) -> None:
+    """Set a fitted-or-set-up ``AutoNormal``'s scales to ``sds`` (by site; floored at 1e-8)."""
+    if not isinstance(guide, ag.AutoNormal):
+        raise ValueError(f"a posterior as init_scale needs the 'normal' guide (AutoNormal), not "
+                         f"{type(guide).__name__}")
+    store = pyro.get_param_store()
+    sites = list(guide.median())
+    missing = [s for s in sites if s not in sds]
+    if missing:
+        raise ValueError(f"init_scale has no scale for the guide's sites {missing[:3]}; give a posterior "
+                         "over the same sites (the same BayesianLoRA select= and prefix=)")
+    for site in sites:
+        keys = [k for k in store.keys() if k.endswith(f".scales.{site}")]
+        if len(keys) != 1:
+            raise ValueError(f"cannot find the guide's scale parameter of {site!r} in the param store")
+        old = store[keys[0]]
+        sd = torch.as_tensor(sds[site]).to(old).clamp_min(1e-8)
+        if sd.shape != old.shape:
+            raise ValueError(f"init_scale of {site!r} has shape {tuple(sd.shape)}, the site "
+                             f"{tuple(old.shape)}")
+        store[keys[0]] = sd
 
 
 def hf_loss(model, batch):
