@@ -102,7 +102,7 @@ def run(args) -> dict:
     from .lora import BayesianLoRA
     from .models import lora_classifier
     from .plots import reliability_diagram
-    from .posterior import GuidePosterior, predict_probs
+    from .posterior import predict_probs
     from .priors import IsotropicNormal
 
     if args.threads:
@@ -174,7 +174,7 @@ def run(args) -> dict:
     def bayes_probs(input_ids, attention_mask, **_):
         return lora(input_ids=input_ids, attention_mask=attention_mask).logits.softmax(-1)
 
-    posterior = GuidePosterior(guide)
+    posterior = svi_fit.posterior  # the guide's Gaussian: predict, save, as_guide, pyro_llm.load
     draws = posterior.sample(args.samples)
     p_samples = predict_probs(bayes_probs, test_dl, draws, progress=progress)
     p_bayes = p_samples.mean(0)
@@ -185,8 +185,12 @@ def run(args) -> dict:
     curves["Bayesian LoRA"] = p_bayes
     lora.write_to_peft(posterior.mean())
     peft_model.save_pretrained(out / "adapter_posterior_mean")
+    posterior.save(out / "svi_posterior")
+    # the posterior's diagnostics from 400 fresh draws (sampling only); the S draws the test set
+    # was predicted under, with their log-likelihoods for az.loo, in a file of their own
+    to_arviz(posterior, lora=lora, seed=args.seed).to_netcdf(str(out / "posterior.nc"))
     idata = to_arviz(draws, lora=lora, sample_probs=p_samples, y=y_test, obs_name="label")
-    idata.to_netcdf(str(out / "posterior.nc"))
+    idata.to_netcdf(str(out / "predictions.nc"))
     reliability_diagram(curves, y_test, path=out / "reliability.png")
     settings = {k: v for k, v in vars(args).items()}
     report = {"settings": settings, "results": rows,
@@ -205,8 +209,8 @@ def format_table(rows: dict, args, out: Path) -> str:
         lines.append(f"{name:<34}" + "".join(f"{r[c]:>10.4f}" if c != "fit_s" else f"{r[c]:>10.1f}"
                                              for c in cols))
     lines.append("(the Laplace and Bayesian fit_s include the MAP fit they start from)")
-    lines.append(f"wrote {out}/posterior.nc, reliability.png, metrics.json, adapter_map/, "
-                 "adapter_posterior_mean/" + (", laplace/" if args.laplace != "none" else ""))
+    lines.append(f"wrote {out}/posterior.nc, predictions.nc, reliability.png, metrics.json, adapter_map/, "
+                 "adapter_posterior_mean/, svi_posterior/" + (", laplace/" if args.laplace != "none" else ""))
     return "\n".join(lines)
 
 

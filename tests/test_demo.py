@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import pyro_llm
 from pyro_llm import demo
 
 TINY = ["--n-train", "24", "--n-test", "24", "--map-epochs", "1", "--svi-epochs", "1",
@@ -20,7 +21,7 @@ def test_demo_runs_and_writes_its_files(tmp_path, capsys):
     report = demo.run(demo.parse_args(TINY + ["--out", str(tmp_path)]))
     out = capsys.readouterr().out
     assert "MAP (LoRA)" in out and "Bayesian LoRA (SVI, S=2)" in out and "Laplace-LoRA (kfac, GLM)" in out
-    for name in ("posterior.nc", "reliability.png", "metrics.json"):
+    for name in ("posterior.nc", "predictions.nc", "reliability.png", "metrics.json"):
         assert (tmp_path / name).stat().st_size > 0
     for d in ("adapter_map", "adapter_posterior_mean"):
         assert PeftConfig.from_pretrained(tmp_path / d).r == 8
@@ -30,8 +31,15 @@ def test_demo_runs_and_writes_its_files(tmp_path, capsys):
     assert saved["results"].keys() == report["results"].keys()
     for row in saved["results"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["nll"] > 0 and row["fit_s"] > 0
-    idata = az.from_netcdf(tmp_path / "posterior.nc")
-    assert idata.log_likelihood["label"].shape == (1, 2, 24)  # S = 2 draws: too few for 2 chains
+    pred = az.from_netcdf(tmp_path / "predictions.nc")
+    assert pred.log_likelihood["label"].shape == (1, 2, 24)  # S = 2 draws: too few for 2 chains
+    idata = az.from_netcdf(tmp_path / "posterior.nc")  # 400 fresh draws in 4 chains: diagnostics work
+    assert idata.posterior.sizes["chain"] == 4 and idata.posterior.sizes["draw"] == 100
+    summary = az.summary(idata)
+    assert summary["r_hat"].between(0.98, 1.05).all() and (summary["ess_bulk"] > 100).all()
+    back = pyro_llm.load(tmp_path / "svi_posterior")  # the saved posterior reads back, B sites only
+    names = list(back.sample(1)[0])
+    assert len(names) == 12 and all(".lora_B." in n for n in names)
     # the Bayesian row is a posterior over B only: A and the head are point estimates
     sites = [idata.posterior[n].attrs["site"] for n in idata.posterior.data_vars]
     assert any(".lora_B." in n for n in sites) and not any(".lora_A." in n for n in sites)
