@@ -1,10 +1,11 @@
-"""Calibration benchmark (``/work/shared/BENCHMARKS.md`` section 2): every posterior of pyro_llm on
+"""Calibration benchmark: every posterior of pyro_llm on
 one task, with one metric suite.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/calibration.py --quick --out benchmarks/results/calibration_quick.json
-    .venv/bin/python benchmarks/calibration.py --out benchmarks/results/calibration_v2.json --resume
+    .venv/bin/python benchmarks/calibration.py --quick --out /tmp/calibration_quick.json
+    .venv/bin/python benchmarks/calibration.py --out /tmp/calibration.json --resume
+    .venv/bin/python benchmarks/tables.py merge calibration --run v2 /tmp/calibration.json
 
 One *setting* is (model, n_train, seed): the model is fine-tuned once with plain LoRA (MAP) on
 n_train labelled Rotten Tomatoes reviews (fresh vs rotten), then every method of

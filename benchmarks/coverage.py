@@ -1,8 +1,8 @@
-"""Coverage benchmark (``/work/shared/BENCHMARKS.md`` section 1): Monte Carlo over R replications.
+"""Coverage benchmark: Monte Carlo over R replications.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/coverage.py --quick --out benchmarks/results/coverage_quick.json
+    .venv/bin/python benchmarks/coverage.py --quick --out /tmp/coverage_quick.json
     .venv/bin/python benchmarks/coverage.py --out benchmarks/results/coverage.json       # R = 1000
     .venv/bin/python benchmarks/coverage.py --markdown benchmarks/results/coverage.json  # the table
 

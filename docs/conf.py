@@ -31,6 +31,7 @@ extensions = [
     "sphinx.ext.napoleon",        # NumPy-style docstrings
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "sphinx_design",              # the landing page's cards
 ]
 
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
