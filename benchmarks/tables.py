@@ -83,6 +83,17 @@ def _mb(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- calibration
+def _drop(text: str, drop: set[int]) -> str:
+    """The Markdown table without the columns at these indices."""
+    return "\n".join("|" + "|".join(c for i, c in enumerate(line.split("|")[1:-1]) if i not in drop) + "|"
+                     for line in text.splitlines())
+
+
+def _method_table(methods: list[str]) -> str:
+    """A method page's table: MiniLM n = 200, run v2, without the columns every row shares."""
+    return _drop(_calibration("v2", MINILM, methods), {0, 1, 2, 4, 13})
+
+
 def _calibration(run: str, model: str, methods=None, auroc: bool = True) -> str:
     rows = [r for r in load("calibration") if r["run"] == run and r["model"] == model
             and (methods is None or r["method"] in methods)]
@@ -91,9 +102,7 @@ def _calibration(run: str, model: str, methods=None, auroc: bool = True) -> str:
     text = calibration.markdown(rows)
     if auroc:
         return text
-    drop = {9, 10}  # the two AUROC columns (the earlier run had no OOD texts)
-    return "\n".join("|" + "|".join(c for i, c in enumerate(line.split("|")[1:-1]) if i not in drop) + "|"
-                     for line in text.splitlines())
+    return _drop(text, {9, 10})  # the two AUROC columns (the earlier run had no OOD texts)
 
 
 MINILM, SMOLLM2 = "all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"
@@ -264,13 +273,12 @@ TABLES = {
     "calibration-minilm": lambda: _calibration("v2", MINILM),
     "calibration-smollm2": lambda: _calibration("v2", SMOLLM2),
     "calibration-v1-laplace": calibration_v1,
-    "calibration-laplace": lambda: _calibration("v2", MINILM, LAPLACE),
-    "calibration-svi": lambda: _calibration("v2", MINILM, ["map", "svi"]),
-    "calibration-ensemble": lambda: _calibration("v2", MINILM, ["map", "ensemble_m5", "ensemble_m10",
-                                                                "ensemble_m20"]),
-    "calibration-blob": lambda: _calibration("v2", MINILM, ["map", "blob"]),
-    "calibration-polar-vbll": lambda: _calibration("v2", MINILM, ["map", "polar_vbll"]),
-    "calibration-baselines": lambda: _calibration("v2", MINILM, ["map", "temperature", "mc_dropout"]),
+    "calibration-laplace": lambda: _method_table(LAPLACE),
+    "calibration-svi": lambda: _method_table(["map", "svi"]),
+    "calibration-ensemble": lambda: _method_table(["map", "ensemble_m5", "ensemble_m10", "ensemble_m20"]),
+    "calibration-blob": lambda: _method_table(["map", "blob"]),
+    "calibration-polar-vbll": lambda: _method_table(["map", "polar_vbll"]),
+    "calibration-baselines": lambda: _method_table(["map", "temperature", "mc_dropout"]),
     "cost-svi": cost_svi,
     "cost-laplace": cost_laplace,
     "cost-laplace-after": cost_laplace_after,
