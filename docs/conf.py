@@ -72,7 +72,8 @@ html_theme_options = {
     "footer_start": ["copyright"],
     "footer_end": [],
 }
-html_sidebars = {"index": []}
+# Pages with no sub-pages get no (empty) section sidebar.
+html_sidebars = {page: [] for page in ("index", "getting_started", "benchmarks", "layout")}
 html_show_sourcelink = False
 
 
