@@ -34,7 +34,10 @@ def test_readme_blocks_are_found_and_short():
 CHECKS = """
 import json as _json
 _s = pyro_llm.metrics.summarize(probs.mean(0), test.labels, probs)
+_back = pyro_llm.load("svi_posterior", model=lora)
+_again = _back.predict(test_loader, num_samples=8, progress=False)
 print("README-CHECK " + _json.dumps({
+    "reloaded_equal": bool(torch.equal(_again, probs)),
     "probs_shape": list(probs.shape), "accuracy": float(_s["accuracy"]),
     "mutual_information": float(_s["mutual_information"]),
     "coef_names": list(res.coef_names), "sd": [float(v) for v in res.sd]}))
@@ -52,6 +55,7 @@ def test_readme_code_runs_as_written(tmp_path):
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("README-CHECK "))
     got = json.loads(line.split(" ", 1)[1])
     assert got["probs_shape"] == [8, 100, 2]
+    assert got["reloaded_equal"], "pyro_llm.load of the saved posterior predicts differently"
     assert got["accuracy"] > 0.6
     assert got["mutual_information"] > 1e-3, "the SVI posterior of the README is a point mass"
     assert got["coef_names"] == ["Intercept", "fresh", "age"] and all(s > 0 for s in got["sd"])

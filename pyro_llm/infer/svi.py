@@ -200,21 +200,28 @@ def svi_posterior(guide, lora=None) -> Posterior:
 def _find_lora(model, init_values):
     from ..lora import BayesianLoRA
 
-    cells = [init_values, model, getattr(model, "__self__", None)]
-    cells += [c.cell_contents for c in getattr(model, "__closure__", None) or () if _filled(c)]
-    found = [c for c in cells if isinstance(c, BayesianLoRA)]
+    found = [c for c in [init_values, *referenced(model)] if isinstance(c, BayesianLoRA)]
     return found[0] if found else None
+
+
+def referenced(fn) -> list:
+    """What a model refers to: itself, the object of a bound method, its closure's cells, and
+    the globals its code names (a module-level ``lora`` used inside ``def model``)."""
+    out = [fn, getattr(fn, "__self__", None)]
+    out += [c.cell_contents for c in getattr(fn, "__closure__", None) or () if _filled(c)]
+    code, env = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
+    out += [env[n] for n in (code.co_names if code else ()) if n in env]
+    return out
 
 
 def model_sketch(model, exclude: Mapping[str, torch.Tensor] = {}) -> str | None:
     """A sketch of the frozen tensors a model reads, to refuse resuming on another model: of
-    ``model`` if it is a module, else of the modules its closure holds (a ``BayesianLoRA``'s
-    peft model counts). ``None`` when there is no module to see (a plain function of globals)."""
+    ``model`` if it is a module, else of the modules it refers to (:func:`referenced`: its
+    closure and the globals its code names; a ``BayesianLoRA``'s peft model counts). ``None``
+    when there is no module to see."""
     skip = {id(t) for t in exclude.values()}
     found = []
-    cells = [model] + [getattr(model, "__self__", None)]
-    cells += [c.cell_contents for c in getattr(model, "__closure__", None) or () if _filled(c)]
-    for obj in cells:
+    for obj in referenced(model):
         obj = getattr(obj, "peft_model", obj)
         if isinstance(obj, torch.nn.Module) and all(obj is not f for f in found):
             found.append(obj)
