@@ -8,7 +8,8 @@ import pyro_llm
 from pyro_llm import demo
 
 TINY = ["--n-train", "24", "--n-test", "24", "--map-epochs", "1", "--svi-epochs", "1",
-        "--samples", "2", "--batch-size", "8", "--no-progress"]
+        "--samples", "2", "--batch-size", "8", "--no-progress", "--labelled-fraction", "0.5",
+        "--regress-epochs", "2"]
 
 
 @pytest.mark.slow
@@ -21,7 +22,8 @@ def test_demo_runs_and_writes_its_files(tmp_path, capsys):
     report = demo.run(demo.parse_args(TINY + ["--out", str(tmp_path)]))
     out = capsys.readouterr().out
     assert "MAP (LoRA)" in out and "Bayesian LoRA (SVI, S=2)" in out and "Laplace-LoRA (kfac, GLM)" in out
-    for name in ("posterior.nc", "predictions.nc", "reliability.png", "metrics.json"):
+    assert "PoLAR-VBLL" in out and "RegressionResult(method='dr'" in out
+    for name in ("posterior.nc", "predictions.nc", "reliability.png", "metrics.json", "report.md"):
         assert (tmp_path / name).stat().st_size > 0
     for d in ("adapter_map", "adapter_posterior_mean"):
         assert PeftConfig.from_pretrained(tmp_path / d).r == 8
@@ -31,6 +33,12 @@ def test_demo_runs_and_writes_its_files(tmp_path, capsys):
     assert saved["results"].keys() == report["results"].keys()
     for row in saved["results"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["nll"] > 0 and row["fit_s"] > 0
+    text = (tmp_path / "report.md").read_text()  # one report: both tables and the figure
+    assert "| PoLAR-VBLL |" in text and "![reliability diagram](reliability.png)" in text
+    assert "| doubly robust (default) |" in text and "| naive plug-in of the coder |" in text
+    reg = saved["regression"]
+    assert reg["n"] == 24 and reg["truth"] == 0.5 and set(reg["rows"]) == {
+        "doubly robust (default)", "labelled rows only", "naive plug-in of the coder"}
     pred = az.from_netcdf(tmp_path / "predictions.nc")
     assert pred.log_likelihood["label"].shape == (1, 2, 24)  # S = 2 draws: too few for 2 chains
     idata = az.from_netcdf(tmp_path / "posterior.nc")  # 400 fresh draws in 4 chains: diagnostics work
@@ -49,6 +57,8 @@ def test_demo_runs_and_writes_its_files(tmp_path, capsys):
     (["--n-train", "0"], "--n-train must be >= 1"),
     (["--samples", "-2"], "--samples must be >= 1"),
     (["--prior-scale", "0"], "must be > 0"),
+    (["--labelled-fraction", "1"], "--labelled-fraction must be in"),
+    (["--regress-folds", "1"], "--regress-folds must be >= 2"),
 ])
 def test_bad_options_are_refused(argv, match, capsys):
     with pytest.raises(SystemExit):
