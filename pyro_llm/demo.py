@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's, or 1 on a busy machine)")
     p.add_argument("--out", default="outputs/demo", help="output folder (outputs/demo)")
     p.add_argument("--no-polar", action="store_true", help="skip PoLAR-VBLL")
     p.add_argument("--no-regress", action="store_true", help="skip the regression on coded reviews")
@@ -233,6 +234,22 @@ def run(args) -> dict:
     return report
 
 
+def busy_threads() -> int | None:
+    """1 when the machine is already busy (1-minute load above half its cores), else ``None``
+    (torch's default). torch's worker threads spin while they wait for each other, so on a
+    loaded 2-core machine two threads run the main job about 2x slower than one (--quick: 7 min
+    24 s against 3 min 58 s with two busy processes beside it; 1 min 32 s on an idle machine)."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:  # no load average on this platform
+        return None
+    if load > cores / 2:
+        print(f"the machine is busy (load {load:.1f} on {cores} cores): torch on 1 thread "
+              "(--threads N to choose)")
+        return 1
+    return None
+
+
 def format_table(rows: dict, args, out: Path) -> str:
     cols = ["accuracy", "ece", "nll", "brier", "entropy", "fit_s"]
     head = f"{'method':<34}" + "".join(f"{c:>10}" for c in cols)
@@ -249,7 +266,10 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.threads is None:  # the command line only: run() leaves a caller's threads alone
+        args.threads = busy_threads()
+    run(args)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

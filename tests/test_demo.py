@@ -76,3 +76,11 @@ def test_bad_csv_is_a_clear_error(tmp_path, csv, error, match):
     args = demo.parse_args(TINY + ["--data", str(f), "--out", str(tmp_path / "o")])
     with pytest.raises(error, match=match):
         demo.run(args)
+
+
+@pytest.mark.parametrize("load, want", [(0.3, None), (1.5, 1)])
+def test_busy_machine_gets_one_torch_thread(monkeypatch, load, want, capsys):
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    assert demo.busy_threads() == want
+    assert ("busy" in capsys.readouterr().out) == (want == 1)
