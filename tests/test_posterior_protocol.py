@@ -105,6 +105,11 @@ def test_every_method_follows_the_protocol(method, tmp_path):
     again = back.predict(data, num_samples=4, progress=False)
     torch.testing.assert_close(again, probs, rtol=0, atol=1e-6)
 
+    # every method exports to ArviZ the same way (a point posterior, by default, as its one draw)
+    idata = pyro_llm.to_arviz(post, num_samples=None if post.degenerate else 8)
+    assert idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"] == (1 if post.degenerate else 8)
+    assert all(idata.posterior[v].attrs.get("site") for v in idata.posterior.data_vars if ":" not in v)
+
     guide = post.as_guide()
     tr = poutine.trace(guide).get_trace()
     sites = {n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["infer"].get("is_auxiliary")}
