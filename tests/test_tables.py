@@ -52,3 +52,23 @@ def test_a_changed_number_is_caught():
     text = page.read_text().replace("**0.836**", "**0.800**")
     _, changed = tables.render(text)
     assert changed == ["cost-svi"]
+
+
+def test_readme_methods_table_quotes_the_generated_headline():
+    import re
+
+    ece = {}
+    for row in tables.headline().splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        ece[cells[1].strip("`")] = cells[3].split(" ± ")[0]
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Methods"):readme.index("## Documentation")]
+    quoted = {"fit_map": re.search(r"\(MAP: (\d\.\d+)\)", section).group(1)}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        calls = re.findall(r"`(fit_\w+|mc_dropout_predict)`", cells[1]) if len(cells) > 2 else []
+        if calls and calls[-1] in ece:
+            quoted[calls[-1]] = re.match(r"(\d\.\d+)", cells[2]).group(1)
+    assert len(quoted) >= 7, quoted
+    wrong = {k: (v, ece[k]) for k, v in quoted.items() if v != ece[k]}
+    assert not wrong, f"README quotes ECE values the results JSON does not give: {wrong}"
