@@ -286,6 +286,35 @@ def test_laplace_bridge_inverts_a_dirichlet_and_matches_monte_carlo_there():
         assert torch.allclose(fn(f0, ex), torch.full((3, 4), 0.25, dtype=torch.float64))
 
 
+def test_probit_and_bridge_ignore_a_common_shift_of_the_logits():
+    """Label-token logits share a large offset and common-mode variance (causal LMs): the softmax
+    ignores both, and so must the closed-form links; the per-logit forms do not."""
+    from pyro_llm.infer.laplace.predictive import laplace_bridge_conditioned, probit_per_logit
+
+    g = torch.Generator().manual_seed(0)
+    for C in (2, 3, 5):
+        f = torch.randn(6, C, generator=g, dtype=torch.float64)
+        A = torch.randn(6, C, C, generator=g, dtype=torch.float64)
+        var = A @ A.transpose(1, 2)
+        f2, var2 = f + 9.0, var + 14.9**2 * torch.ones(C, C, dtype=torch.float64)
+        for fn in (probit, laplace_bridge):
+            torch.testing.assert_close(fn(f2, var2), fn(f, var), rtol=0, atol=1e-9)
+        assert (probit_per_logit(f2, var2) - probit_per_logit(f, var)).abs().max() > 0.01
+        assert (laplace_bridge_conditioned(f2, var2) - laplace_bridge_conditioned(f, var)).abs().max() > 0.01
+
+
+def test_two_class_probit_is_the_binary_probit_of_the_difference_and_keeps_the_decision():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(50, 2, generator=g, dtype=torch.float64) * 3
+    A = torch.randn(50, 2, 2, generator=g, dtype=torch.float64) * 4
+    var = A @ A.transpose(1, 2) + 200.0  # a large common mode, as with label tokens
+    d = f[:, 1] - f[:, 0]
+    var_d = var[:, 1, 1] + var[:, 0, 0] - 2 * var[:, 0, 1]
+    want = torch.sigmoid(d / (1 + math.pi / 8 * var_d).sqrt())
+    torch.testing.assert_close(probit(f, var)[:, 1], want, rtol=0, atol=1e-12)
+    assert torch.equal(probit(f, var).argmax(-1), f.argmax(-1))
+
+
 @pytest.mark.parametrize("deltas", [(0.7, 0.7), (0.3, 5.0)])
 def test_full_block_eigen_and_cholesky_paths_are_the_dense_formulas(deltas):
     """One precision per block uses H's eigenbasis, different ones a Cholesky: both are exact."""

@@ -6,8 +6,12 @@ respect to the sites, taken from backward passes through the tapped layers (no p
 ``jacrev``). Its class probabilities come from one of three links (appendix A):
 
 * ``"mc"`` -- sampling the joint Gaussian over the C logits (the paper's default, "MC joint");
-* ``"probit"`` -- the generalised probit ``softmax(f / sqrt(1 + pi/8 diag(Lambda)))``;
-* ``"bridge"`` -- the Laplace bridge to a Dirichlet, whose mean is returned.
+* ``"probit"`` -- a generalised probit, shift-invariant (:func:`probit`);
+* ``"bridge"`` -- the Laplace bridge to a Dirichlet, whose mean is returned (:func:`laplace_bridge`),
+  on the logits' sum-zero projection.
+
+``"probit_per_logit"`` and ``"bridge_conditioned"`` are the forms laplace-torch computes; they are
+not invariant to a common shift of the logits, which label-token logits of a causal LM have.
 
 Cost of one batch: one forward with the layers tapped, then one backward pass per row of a
 contrast matrix ``K`` (:func:`logit_contrasts`), each giving every example's ``k J`` at once. The
@@ -48,24 +52,60 @@ from ...readout import default_labels, default_logits
 from .capture import check_logits, tapped
 
 __all__ = ["laplace_predict", "glm_logit_moments", "probit", "laplace_bridge", "mc_softmax",
+           "probit_per_logit", "laplace_bridge_conditioned",
            "mc_softmax_differences", "logit_contrasts", "gridsearch_prior_precision", "LINKS"]
 
-LINKS = ("mc", "probit", "bridge")
+LINKS = ("mc", "probit", "bridge", "probit_per_logit", "bridge_conditioned")
+
+
+def _centring(C: int, dtype) -> torch.Tensor:
+    """``P = I - 11^T / C``: the projection that removes a common shift of the C logits."""
+    return torch.eye(C, dtype=dtype) - 1.0 / C
 
 
 def probit(f: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """Generalised probit: ``softmax(f / sqrt(1 + pi/8 diag(var)))``; ``var`` is (B, C, C)."""
+    """Shift-invariant generalised probit; ``f`` is (B, C), ``var`` (B, C, C).
+
+    The softmax ignores a common shift of the logits, and so does this link: each centred logit
+    ``f_c - mean(f)`` is tempered by the probit factor of its contrast with the others,
+    ``g_c = f_c - mean_{j != c} f_j``: ``softmax((f_c - mean f) / sqrt(1 + pi/8 Var g_c))``. A
+    common offset, or a common random component of the logits (label-token logits of a causal
+    LM share a large one), changes nothing; for two classes it is the binary probit
+    ``sigmoid(d / sqrt(1 + pi/8 Var d))`` of ``d = f_1 - f_0``, so it never flips the MAP's
+    decision. :func:`probit_per_logit` is the per-logit form other libraries use.
+    """
+    C = f.shape[-1]
+    P = _centring(C, var.dtype)
+    K = P * (C / (C - 1))  # rows: the contrasts g_c
+    var_g = torch.einsum("ci,bij,cj->bc", K, var, K)
+    centred = f.to(var.dtype) @ P
+    return (centred / (1 + math.pi / 8 * var_g.clamp_min(0)).sqrt()).softmax(-1)
+
+
+def probit_per_logit(f: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``softmax(f / sqrt(1 + pi/8 diag(var)))``, logit by logit (laplace-torch's ``"probit"``).
+    Not shift-invariant: a common offset or common-mode variance changes the answer and can flip
+    decisions; prefer :func:`probit`."""
     return (f / (1 + math.pi / 8 * torch.diagonal(var, dim1=-2, dim2=-1)).sqrt()).softmax(-1)
 
 
 def laplace_bridge(f: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """Mean of the Laplace-bridge Dirichlet (Hobbhahn et al. 2022; Laplace-LoRA eq. 20).
+    """Mean of the Laplace-bridge Dirichlet (Hobbhahn et al. 2022; Laplace-LoRA eq. 20), shift-invariant.
 
-    The softmax ignores a shift of all logits, so the Gaussian is first conditioned on
-    ``sum_i f_i = 0`` (the bridge's zero-mean correction); then
-    ``alpha_i = (1 - 2/C + e^{f_i}/C^2 sum_j e^{-f_j}) / var_ii`` and the mean is ``alpha / sum alpha``.
+    The softmax sees only the logits' projection on the sum-zero plane, ``P f`` with
+    ``P = I - 11^T / C``, distributed ``N(P m, P V P)``; the bridge is applied to that:
+    ``alpha_i = (1 - 2/C + e^{f_i}/C^2 sum_j e^{-f_j}) / var_ii`` and the mean is
+    ``alpha / sum alpha``. A common offset or common-mode variance changes nothing.
+    :func:`laplace_bridge_conditioned` is the form that conditions on ``sum f = 0`` instead.
     """
     C = f.shape[-1]
+    P = _centring(C, var.dtype)
+    return _bridge(f.to(var.dtype) @ P, P @ var @ P)
+
+
+def laplace_bridge_conditioned(f: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """The bridge after conditioning the Gaussian on ``sum_i f_i = 0`` (laplace-torch's zero-mean
+    correction). Not shift-invariant; prefer :func:`laplace_bridge`."""
     row = var.sum(-1)  # Cov(f, sum f)
     tot = var.sum((-2, -1))[..., None]
     trace = torch.diagonal(var, dim1=-2, dim2=-1).sum(-1, keepdim=True)
@@ -73,9 +113,18 @@ def laplace_bridge(f: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     w = torch.where(tot > 1e-12 * trace, 1 / tot.clamp_min(1e-300), torch.zeros_like(tot))
     f = f - row * f.sum(-1, keepdim=True) * w
     var = var - row[..., :, None] * row[..., None, :] * w[..., None]
+    return _bridge(f, var)
+
+
+def _bridge(f: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    C = f.shape[-1]
     d = torch.diagonal(var, dim1=-2, dim2=-1).clamp_min(1e-12)
     alpha = (1 - 2 / C + f.exp() / C**2 * (-f).exp().sum(-1, keepdim=True)) / d
     return alpha / alpha.sum(-1, keepdim=True)
+
+
+_CLOSED = {"probit": probit, "bridge": laplace_bridge, "probit_per_logit": probit_per_logit,
+           "bridge_conditioned": laplace_bridge_conditioned}
 
 
 def _gaussian_draws(mean: torch.Tensor, var: torch.Tensor, num_samples: int, generator=None) -> torch.Tensor:
@@ -197,7 +246,7 @@ def _glm(la, data, link, num_samples, logits_fn, progress, gen) -> torch.Tensor:
             if link == "mc":
                 chunks.append(mc_softmax_differences(f @ K.T, var, num_samples, gen))
             else:
-                chunks.append((probit if link == "probit" else laplace_bridge)(f, var)[None])
+                chunks.append(_CLOSED[link](f, var)[None])
         tap.clear()
     if not chunks:
         raise ValueError("the data yielded no batch: nothing to predict")
