@@ -250,3 +250,17 @@ def test_laplace_predictions_feed_the_downstream_regression():
         res = regress(df, "out ~ C(z) + q", label="z", predictions=draws, method=method)
         table = res.summary()
         assert np.isfinite(table.to_numpy(dtype=float)).all(), method
+
+
+@pytest.mark.parametrize("structure", ["kfac", "diag", "full"])
+def test_curvature_above_prior_counts_the_dense_spectrum(structure):
+    pm, X, y = _mlp()
+    la = fit_laplace(pm, [(X, y)], structure=structure, optimize_prior=None, prior_precision=1e-3,
+                     progress=False)
+    for delta in (1e-3, 0.5, 5.0):
+        dense = sum(int((torch.linalg.eigvalsh(b.dense()) > delta).sum()) for b in la.blocks)
+        assert la.curvature_above_prior(delta) == pytest.approx(dense / la.num_parameters)
+    assert la.meta["curvature_above_prior"] == pytest.approx(la.curvature_above_prior())
+    ruled = fit_laplace(pm, [(X, y)], structure=structure, optimize_prior=None, prior_precision=1e9,
+                        progress=False)
+    assert ruled.meta["curvature_above_prior"] == 0.0

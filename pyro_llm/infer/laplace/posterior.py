@@ -82,6 +82,24 @@ class LaplacePosterior(Posterior):
     def num_parameters(self) -> int:
         return sum(math.prod(s) for s in self.shapes)
 
+    def curvature_above_prior(self, delta=None) -> float:
+        """The share of the posterior's directions where the data's curvature exceeds the prior
+        precision: curvature eigenvalues (of every block: Kronecker products of the factors'
+        eigenvalues, diagonal entries, or a full block's spectrum) above ``delta`` over the number
+        of parameters. Near 0, the posterior is the prior in almost every direction and the
+        predictive is set by the prior precision, not by the data."""
+        d = self._d(delta)
+        above = 0
+        for b in self.blocks:
+            level = float(d[b.sites].min())
+            if b.kind == "kron":
+                above += int((b.E > level).sum())
+            elif b.kind == "diag":
+                above += int((b.diag > level).sum())
+            else:
+                above += int((torch.linalg.eigvalsh(b.H) > level).sum())
+        return above / self.num_parameters
+
     @property
     def memory_bytes(self) -> int:
         """Bytes held by the curvature blocks."""
