@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["FileFormatError", "write_json", "save_safetensors", "read_json", "read_safetensors",
-           "check_field", "atomic_folder", "inside", "tensor_digest", "DIGEST"]
+           "check_field", "check_fields", "atomic_folder", "inside", "tensor_digest", "DIGEST"]
 
 
 class FileFormatError(ValueError):
@@ -175,14 +175,20 @@ def read_json(path: str | os.PathLike, *, what: str, fields: Mapping[str, str] |
                               "and save again") from None
     if not isinstance(obj, dict):
         raise FileFormatError(f"{path} holds a JSON {type(obj).__name__}, not the object of a {what}")
-    for key, spec in (fields or {}).items():
-        if key not in obj:
-            raise FileFormatError(f"{path} lacks the field {key!r} of a {what}; the file is damaged or "
-                                  "was written by another program")
-        if not check_field(obj[key], spec):
-            raise FileFormatError(f"{path}: field {key!r} is {_short(obj[key])}, expected {spec}; the "
-                                  f"{what} is damaged")
+    check_fields(path, obj, fields or {}, what)
     return obj
+
+
+def check_fields(path, obj: Mapping, fields: Mapping[str, str], what: str, prefix: str = "") -> None:
+    """Every field of ``fields`` (name -> spec, see :func:`check_field`) present in ``obj`` with the
+    right type, or a :class:`FileFormatError` naming ``path`` and the field (``prefix`` + name)."""
+    for key, spec in fields.items():
+        if key not in obj:
+            raise FileFormatError(f"{path} lacks the field {prefix + key!r} of a {what}; the file is "
+                                  "damaged or was written by another program")
+        if not check_field(obj[key], spec):
+            raise FileFormatError(f"{path}: field {prefix + key!r} is {_short(obj[key])}, expected {spec}; "
+                                  f"the {what} is damaged")
 
 
 def read_safetensors(path: str | os.PathLike, *, what: str,

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ._io import FileFormatError, check_field, inside, read_json, read_safetensors, save_safetensors
+from ._io import (
+    FileFormatError,
+    check_fields,
+    inside,
+    read_json,
+    read_safetensors,
+    save_safetensors,
+)
 
 __all__ = ["MANIFEST", "VERSION", "KEEP", "CodedCorpus", "new_manifest", "read_manifest",
            "shard_file", "read_shard", "check_total", "write_shard", "iter_coded", "load_coded"]
@@ -79,30 +86,20 @@ def read_manifest(out_dir: Path) -> dict:
     if man["format"] != "pyro_llm.stream" or man["version"] != VERSION:
         raise FileFormatError(f"{f} is not a pyro_llm.stream manifest of version {VERSION} (format "
                               f"{man['format']!r}, version {man['version']!r}); choose a new out_dir")
-    _fields(f, man["settings"], SETTINGS, "settings.")
+    check_fields(f, man["settings"], SETTINGS, WHAT, "settings.")
     if man["settings"]["keep"] not in KEEP:
         raise FileFormatError(f"{f}: field 'settings.keep' is {man['settings']['keep']!r}, expected one "
                               f"of {KEEP}; the {WHAT} is damaged")
     for k, sh in enumerate(man["shards"]):
         if not isinstance(sh, dict):
             raise FileFormatError(f"{f}: field 'shards[{k}]' is not an object; the {WHAT} is damaged")
-        _fields(f, sh, SHARD, f"shards[{k}].")
+        check_fields(f, sh, SHARD, WHAT, f"shards[{k}].")
         inside(out_dir, sh["file"], what=f"shards[{k}].file")
     if man["shards"] and not all(isinstance(man[k], int) and man[k] >= 1
                                  for k in ("num_samples", "num_classes")):
         raise FileFormatError(f"{f}: fields 'num_samples' and 'num_classes' must be positive integers "
                               f"once shards are written; the {WHAT} is damaged")
     return man
-
-
-def _fields(f: Path, obj: dict, spec: dict, prefix: str) -> None:
-    for key, s in spec.items():
-        if key not in obj:
-            raise FileFormatError(f"{f} lacks the field {prefix + key!r} of a {WHAT}; the file is damaged "
-                                  "or was written by another program")
-        if not check_field(obj[key], s):
-            raise FileFormatError(f"{f}: field {prefix + key!r} is {obj[key]!r:.60}, expected {s}; the "
-                                  f"{WHAT} is damaged")
 
 
 # ---------------------------------------------------------------------------- shards

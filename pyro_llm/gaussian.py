@@ -20,7 +20,7 @@ import torch
 from torch.distributions import constraints
 
 from ._io import FileFormatError, atomic_folder, read_json, read_safetensors, save_safetensors, write_json
-from .posterior import Draw, Posterior
+from .posterior import Draw, Posterior, check_sites
 from .readout import Readout
 
 __all__ = ["GaussianPosterior", "POSTERIOR_FILE", "read_fixed"]
@@ -55,7 +55,7 @@ class GaussianPosterior(Posterior):
         self.loc = torch.as_tensor(loc).detach().reshape(-1)
         if self.loc.numel() != sum(self.sizes):
             raise ValueError(f"loc has {self.loc.numel()} entries, the sites {sum(self.sizes)}")
-        self.form, self.method = form, method
+        self.form = form
         self.tensors = {"loc": self.loc}
         need = {"diag": {"scale": scale}, "lowrank": {"cov_factor": cov_factor, "cov_diag": cov_diag},
                 "full": {"scale_tril": scale_tril}}[form]
@@ -187,17 +187,6 @@ def read_fixed(f: Path, tensors: Mapping[str, torch.Tensor], names: Sequence[str
     if missing:
         raise FileFormatError(f"{f} lacks the point estimates {missing[:3]}; the file is damaged")
     return {n: tensors[f"fixed/{n}"] for n in names}
-
-
-def check_sites(lora, names: Sequence[str], shapes: Sequence[Sequence[int]], path) -> None:
-    """The BayesianLoRA has exactly these sites with these shapes, or a ``ValueError``."""
-    if set(lora.site_names) != set(names):
-        raise ValueError(f"{path}: the BayesianLoRA's sites {lora.site_names[:2]}... differ from the saved "
-                         f"posterior's {list(names)[:2]}...; build it with the same select= and prefix=")
-    for n, s in zip(names, shapes, strict=True):
-        have = tuple(lora.peft_model.get_parameter(lora.peft_name(n)).shape)
-        if have != tuple(s):
-            raise ValueError(f"{path}: site {n!r} has shape {tuple(s)} saved, {have} in the model")
 
 
 def _check_real(guide) -> None:

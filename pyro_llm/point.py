@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ._io import FileFormatError, atomic_folder, read_json, read_safetensors, save_safetensors, write_json
-from .posterior import Draw, Posterior
+from .posterior import Draw, Posterior, batch_probs, predict_probs
 from .readout import Readout
 
 __all__ = ["PointPosterior", "TemperaturePosterior", "WithValues"]
@@ -82,8 +82,6 @@ class PointPosterior(Posterior):
         """Class probabilities ``(1, N, C)`` of the model at the point (``num_samples`` ignored)."""
         if self.model is None:
             raise ValueError("this PointPosterior has no model attached; call .attach(peft_model)")
-        from .posterior import batch_probs, predict_probs
-
         was = self.model.training
         self.model.eval()
         try:

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from .readout import Readout
 from .runtime import call_with_batch
 
-__all__ = ["Posterior", "GuidePosterior", "batch_probs", "predict_probs", "stack_draws", "Draw"]
+__all__ = ["Posterior", "GuidePosterior", "batch_probs", "check_sites", "predict_probs", "stack_draws",
+           "Draw"]
 
 Draw = dict[str, torch.Tensor]
 
@@ -104,6 +105,19 @@ class Posterior:
     def save(self, path) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be saved; save the draws "
                                   "(pyro_llm._io.save_safetensors(path, stack_draws(post.sample(S))))")
+
+
+def check_sites(lora, names, shapes, path) -> None:
+    """A saved posterior's sites ``names`` with ``shapes`` are exactly the BayesianLoRA's, with the
+    model's shapes, or a ``ValueError`` saying how to build the matching one."""
+    if set(lora.site_names) != set(names):
+        raise ValueError(f"{path}: the BayesianLoRA's sites {lora.site_names[:2]}... differ from the saved "
+                         f"posterior's {list(names)[:2]}...; build it with the same select= and prefix=")
+    for n, s in zip(names, shapes, strict=True):
+        have = tuple(lora.peft_model.get_parameter(lora.peft_name(n)).shape)
+        if have != tuple(s):
+            raise ValueError(f"{path}: site {n!r} has shape {tuple(s)} in the saved posterior, {have} in the "
+                             "model; load it with the model it was fitted on")
 
 
 def batch_probs(model, readout: Readout) -> Callable:

@@ -52,16 +52,12 @@ def load(path, model: torch.nn.Module | None = None, *, readout: Readout | None 
         if kind == "gaussian":
             return GaussianPosterior.load(path, lora=_lora(model, path), readout=readout)
         if kind == "point":
-            method = read_json(path / POSTERIOR_FILE, what="saved posterior",
-                               fields={"method": "str"})["method"]
-            peft = getattr(model, "peft_model", model)
-            if method == "mc_dropout":
+            point = PointPosterior.load(path, model=getattr(model, "peft_model", model), readout=readout)
+            if point.method == "mc_dropout" and point.model is not None:
                 from .infer.baselines import MCDropoutPosterior
 
-                point = PointPosterior.load(path, model=peft, readout=readout)
-                return MCDropoutPosterior(point.model, readout=readout, values=point.values) \
-                    if peft is not None else point
-            return PointPosterior.load(path, model=peft, readout=readout)
+                return MCDropoutPosterior(point.model, readout=readout, values=point.values)
+            return point
         if kind == "temperature":
             t = read_json(path / POSTERIOR_FILE, what="saved posterior", fields={"temperature": "float>=0"})
             base = load(path / "base", model, readout=readout, features_fn=features_fn)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import FileFormatError, check_field, read_safetensors, save_safetensors
+from .._io import FileFormatError, check_fields, read_safetensors, save_safetensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step", "check_fingerprint", "sketch",
            "describe_named", "TENSORS"]
@@ -121,10 +121,7 @@ def _read(d: Path, shapes: Mapping[str, Sequence[int]] | None = None):
     except (KeyError, json.JSONDecodeError):
         raise FileFormatError(f"{d / TENSORS} lacks the fit record in its metadata: not a checkpoint "
                               "of this version; use a fresh checkpoint directory") from None
-    for key, spec in _FIELDS.items():
-        if key not in meta or not check_field(meta[key], spec):
-            raise FileFormatError(f"{d / TENSORS}: field {key!r} is {meta.get(key, 'missing')!r:.60}, "
-                                  f"expected {spec}; the checkpoint is damaged: use a fresh directory")
+    check_fields(d / TENSORS, meta, _FIELDS, "fit checkpoint (use a fresh checkpoint directory)")
     if len(meta["losses"]) != meta["step"]:
         raise FileFormatError(f"{d / TENSORS}: step {meta['step']} but {len(meta['losses'])} losses "
                               "recorded; the checkpoint is damaged: use a fresh directory")

@@ -147,12 +147,13 @@ class EnsemblePosterior(Posterior):
         replacement under ``seed``."""
         if logits_fn is None:
             logits_fn = (readout or self.readout or Readout()).logits
-        post = self
-        if num_samples is not None:
-            g = torch.Generator().manual_seed(seed) if seed is not None else None
-            idx = torch.randint(len(self), (num_samples,), generator=g).tolist()
-            post = EnsemblePosterior([self._peft[i] for i in idx], peft_model=self.peft_model)
-        return post.predict_members(data, logits_fn=logits_fn, progress=progress, vectorize=vectorize)
+        if num_samples is None:
+            return self.predict_members(data, logits_fn=logits_fn, progress=progress, vectorize=vectorize)
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        idx = torch.randint(len(self), (num_samples,), generator=g)
+        drawn, where = torch.unique(idx, return_inverse=True)  # each drawn member runs once
+        post = EnsemblePosterior([self._peft[i] for i in drawn.tolist()], peft_model=self.peft_model)
+        return post.predict_members(data, logits_fn=logits_fn, progress=progress, vectorize=vectorize)[where]
 
     @torch.no_grad()
     def predict_members(self, data: Iterable, *, logits_fn: Callable | None = None,

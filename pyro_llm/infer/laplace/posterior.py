@@ -28,7 +28,7 @@ from ..._io import (
     save_safetensors,
     write_json,
 )
-from ...posterior import Draw, Posterior
+from ...posterior import Draw, Posterior, check_sites
 from .blocks import BLOCKS, DTYPE
 
 __all__ = ["LaplacePosterior", "load_laplace"]
@@ -251,7 +251,7 @@ def load_laplace(path, lora=None) -> LaplacePosterior:
         raise FileFormatError(f"{jf}: {len(names)} site_names (distinct, at least one) need as many "
                               f"shapes, got {len(shapes)}; the file is damaged")
     if lora is not None:
-        _check_model(lora, names, shapes, path)
+        check_sites(lora, names, shapes, path)
     expect = {f"map.{i}": s for i, s in enumerate(shapes)} | {"prior_precision": (len(names),)}
     t, _ = read_safetensors(tf, what="Laplace posterior", expect=expect)
     if (t["prior_precision"] <= 0).any():
@@ -264,17 +264,6 @@ def load_laplace(path, lora=None) -> LaplacePosterior:
     return LaplacePosterior(names, shapes, {n: t[f"map.{i}"] for i, n in enumerate(names)}, blocks,
                             t["prior_precision"], info["log_likelihood"], info["n_data"], info["meta"],
                             lora=lora)
-
-
-def _check_model(lora, names, shapes, path) -> None:
-    if set(lora.site_names) != set(names):
-        raise ValueError(f"the BayesianLoRA's sites {lora.site_names[:2]}... differ from the saved "
-                         f"posterior's {names[:2]}...; build it with the same select= and prefix=")
-    for n, s in zip(names, shapes, strict=True):
-        have = tuple(lora.peft_model.get_parameter(lora.peft_name(n)).shape)
-        if have != s:
-            raise ValueError(f"{path}: site {n!r} has shape {s} in the saved posterior, {have} in the "
-                             "model; load it with the model it was fitted on")
 
 
 def _block_entries(jf, entries, t, num_sites):
