@@ -68,6 +68,9 @@ class Readout:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
 
         def logits(model, batch):
+            if not isinstance(batch, Mapping) or "attention_mask" not in batch:
+                raise ValueError("Readout.label_tokens reads dict batches with input_ids and "
+                                 f"attention_mask (e.g. PromptDataset's), got a {type(batch).__name__}")
             inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
             return label_token_logits(model(**inputs), batch["attention_mask"], ids)
 

@@ -96,3 +96,8 @@ def test_svi_scales_warm_started_from_laplace_are_not_a_point_mass():
     assert abs(float(ratio.median()) - 1) < 0.05  # one step of lr 1e-6 leaves the warm start
     print(f"epistemic: init_scale=1e-3 {mi_small:.2e}, Laplace-warm {mi_warm:.2e}")
     assert mi_warm > 20 * mi_small and mi_warm > 1e-4
+
+
+def test_label_token_readout_names_a_batch_it_cannot_read():
+    with pytest.raises(ValueError, match="dict batches with input_ids and attention_mask"):
+        Readout.label_tokens([1, 2]).logits(torch.nn.Linear(2, 2), (torch.zeros(1, 2), torch.zeros(1)))
