@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_unmerged", "own_path"]
+__all__ = ["check_unmerged", "own_path", "record_init", "initial_values"]
 
 
 def check_unmerged(model: torch.nn.Module, plan) -> None:
@@ -32,3 +32,30 @@ def own_path(model: torch.nn.Module, plan) -> bool:
     check_unmerged(model, plan)
     return all(not m.disable_adapters and list(m.active_adapters) == [plan.adapter]
                for m in plan.extra["lora_modules"].values())
+
+
+_INIT_ATTR = "_pyro_llm_initial_values"
+
+
+def record_init(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Keep a copy of every trainable tensor of ``model`` (the LoRA ``A``, ``B``, a new head) as it
+    is now, before fine-tuning: the centre of a Laplace prior at the initialisation
+    (``fit_laplace(prior_mean="init")``). :func:`pyro_llm.models.lora_classifier` and
+    :func:`~pyro_llm.models.lora_causal_lm` call it; call it yourself on a peft model you build,
+    before training. Returns the copies (also kept on the model, not saved with it)."""
+    values = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    object.__setattr__(model, _INIT_ATTR, values)
+    return values
+
+
+def initial_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors :func:`record_init` kept for ``model``; a ``ValueError`` that says what to do
+    when there are none."""
+    values = getattr(model, _INIT_ATTR, None)
+    if values is None:
+        raise ValueError(
+            "the model has no recorded initial LoRA values, so a prior centred at the initialisation "
+            "cannot be formed: build it with pyro_llm.models.lora_classifier / lora_causal_lm, or "
+            "call pyro_llm.adapter_state.record_init(peft_model) before fine-tuning, or pass "
+            "prior_mean={peft parameter name: tensor} (or prior_mean='zero')")
+    return values

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter_state import record_init
 from .data import minilm_path, smollm2_gguf
 
 __all__ = ["lora_classifier", "lora_causal_lm"]
@@ -52,7 +53,9 @@ def lora_classifier(
     cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=lora_alpha,
                      target_modules=list(target_modules), lora_dropout=lora_dropout,
                      layers_to_transform=layers_to_transform)
-    return get_peft_model(base, cfg), tok
+    model = get_peft_model(base, cfg)
+    record_init(model)  # the centre of fit_laplace's prior_mean="init"
+    return model, tok
 
 
 def lora_causal_lm(
@@ -85,4 +88,6 @@ def lora_causal_lm(
     cfg = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha,
                      target_modules=list(target_modules), lora_dropout=lora_dropout,
                      layers_to_transform=layers_to_transform)
-    return get_peft_model(base, cfg), tok
+    model = get_peft_model(base, cfg)
+    record_init(model)  # the centre of fit_laplace's prior_mean="init"
+    return model, tok

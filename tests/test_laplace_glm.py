@@ -157,3 +157,20 @@ def test_bad_contrasts_and_missing_names_get_clear_errors():
         with tapped(peft, ["base_model.model.0.lora_A.default.bias"]):  # a LoRA Linear without bias
             pass
     assert [m.training for m in peft.modules()] == modes  # nothing was changed before the error
+
+
+def test_mc_draws_are_antithetic_and_keep_the_map_decision_for_two_classes():
+    from pyro_llm.infer.laplace.predictive import mc_softmax_differences
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.tensor([[0.01], [-0.02], [0.3], [-1e-3]])  # MAP margins near the boundary
+    var = torch.full((4, 1, 1), 25.0, dtype=torch.float64)  # sd 5: independent draws flip these
+    p = mc_softmax_differences(d, var, 100, g)
+    assert p.shape == (100, 4, 2)
+    logit = p[..., 1].logit()
+    assert torch.allclose(logit[:50], 2 * d.T.double() - logit[50:], atol=1e-8)  # pairs m + e, m - e
+    assert ((p[..., 1].mean(0) > 0.5) == (d[:, 0] > 0)).all()
+    # each draw is still N(m, V): the sd of the drawn margins matches 5 within Monte Carlo error
+    var = torch.full((1, 1, 1), 25.0, dtype=torch.float64)
+    many = mc_softmax_differences(torch.zeros(1, 1), var, 4000, g)[..., 1].logit()
+    assert abs(float(many.std()) - 5.0) < 4 * 5.0 / (2 * 2000) ** 0.5

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from ...adapter_state import initial_values
 from ...lora import BayesianLoRA, find_lora_parameters
 from ...readout import default_labels, default_logits
 from .. import distributed as _dist
@@ -108,6 +109,32 @@ def _as_lora(model, select) -> BayesianLoRA:
     if isinstance(select, str) and select == "last_layer":
         select = last_layer_names(model)
     return BayesianLoRA(model, select=select)
+
+
+def _prior_centre(peft, names, prior_mean) -> tuple[str, dict]:
+    """``(how, {peft name: tensor})``: the prior's centre per site (missing names: zero)."""
+    if isinstance(prior_mean, str):
+        if prior_mean not in ("auto", "init", "zero"):
+            raise ValueError(f"prior_mean must be 'auto', 'init', 'zero' or a dict of tensors, "
+                             f"got {prior_mean!r}")
+        if prior_mean == "zero":
+            return "zero", {}
+        try:
+            values = initial_values(peft)
+        except ValueError:
+            if prior_mean == "init":
+                raise
+            return "zero", {}
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ValueError(f"the recorded initial values lack {missing[:2]}: record_init ran on "
+                             "another model or before the adapter was added; pass prior_mean='zero'")
+        return "init", {n: values[n] for n in names}
+    unknown = sorted(set(prior_mean) - set(names))
+    if unknown:
+        raise ValueError(f"prior_mean has {unknown[:2]}, which are not Laplace sites (peft parameter "
+                         f"names such as {names[0]!r})")
+    return "given", dict(prior_mean)
 
 
 def _validate(structure, curvature, kfac_approx, n_kfac, names, shapes):
@@ -200,6 +227,8 @@ def fit_laplace(
     prior_precision: float = 1.0,
     optimize_prior: str | None = "marglik",
     per_site: bool = False,
+    prior_groups: str = "one",
+    prior_mean="auto",
     logits_fn: Callable | None = None,
     labels_fn: Callable | None = None,
     max_memory: int | None = None,
@@ -226,9 +255,18 @@ def fit_laplace(
     kfac_approx:
         How KFAC treats token positions: ``"expand"`` (each position a data point; the input factor
         averages over positions) or ``"reduce"`` (positions averaged, gradients summed first).
-    prior_precision, optimize_prior, per_site:
+    prior_precision, optimize_prior, prior_groups, per_site:
         The Gaussian prior's precision; ``optimize_prior="marglik"`` maximises the Laplace marginal
-        likelihood over it, one value or one per site (``per_site=True``); ``None`` keeps it.
+        likelihood over it: one value (``prior_groups="one"``), one for the ``A`` sites and one for
+        the ``B`` sites (``"AB"``), or one per site (``"site"``, also ``per_site=True``); ``None``
+        keeps it.
+    prior_mean:
+        The prior's centre: ``"init"``, the tensors as they were before fine-tuning (recorded by
+        :func:`~pyro_llm.adapter_state.record_init`, which the model builders of
+        :mod:`pyro_llm.models` call); ``"zero"``; ``"auto"`` (the default: ``"init"`` where recorded,
+        else ``"zero"``); or ``{peft parameter name: tensor}``. peft starts ``B`` at zero but ``A``
+        at random: a zero-centred prior counts ``A``'s random start as fitted signal, its scatter
+        term then drives the evidence-optimal precision down, and the posterior widens.
     logits_fn, labels_fn:
         ``logits_fn(model, batch) -> (B, C)`` logits and ``labels_fn(batch) -> (B,)`` labels; the
         defaults read Hugging Face dict batches (``model(**inputs).logits``, ``batch["labels"]``) or
@@ -280,13 +318,15 @@ def fit_laplace(
     if n == 0:
         raise ValueError("the data yielded no batch: nothing to fit")
     map_values = {lora.site_name(nm): peft.get_parameter(nm).detach().clone() for nm in names}
+    centre, means = _prior_centre(peft, names, prior_mean)
     meta = dict(structure=structure, curvature=curvature, n_kfac=n_kfac, kfac_approx=kfac_approx,
-                mc_samples=mc_samples)
+                mc_samples=mc_samples, prior_mean=centre, prior_groups="site" if per_site else prior_groups)
     la = LaplacePosterior([lora.site_name(nm) for nm in names], shapes, map_values, acc.blocks(n),
-                          prior_precision, loglik, n, meta, lora=lora)
+                          prior_precision, loglik, n, meta, lora=lora,
+                          prior_mean={lora.site_name(nm): v for nm, v in means.items()})
     la.logits_fn = logits_fn
     if optimize_prior == "marglik":
-        la.optimize_prior_precision(per_site=per_site)
+        la.optimize_prior_precision(per_site=per_site, groups=prior_groups)
     elif optimize_prior is not None:
         raise ValueError(f"optimize_prior must be 'marglik' or None, got {optimize_prior!r}; for a "
                          "validation grid use pyro_llm.infer.laplace.gridsearch_prior_precision")

@@ -3,8 +3,9 @@
 It is a :class:`~pyro_llm.Posterior` (``sample`` / ``mean`` of ``{site: tensor}`` draws), so
 ``predict_probs``, ``to_arviz`` and the downstream regression take it as they take an SVI
 guide; :attr:`LaplacePosterior.guide` is a Pyro guide for ``pyro.infer.Predictive``. The
-prior is ``N(0, 1/delta)`` per site; :meth:`log_marginal_likelihood` is the Laplace evidence
-(Laplace-LoRA eq. 13) and :meth:`optimize_prior_precision` maximises it over ``delta``.
+prior is ``N(mu_0, 1/delta)`` per site (``mu_0`` zero, or where fine-tuning started);
+:meth:`log_marginal_likelihood` is the Laplace evidence (Laplace-LoRA eq. 13) and
+:meth:`optimize_prior_precision` maximises it over ``delta``, one value or one per group.
 Saved with safetensors (tensors) and JSON (the rest); nothing is pickled.
 """
 
@@ -31,7 +32,7 @@ from ..._io import (
 from ...posterior import Draw, Posterior, check_sites
 from .blocks import BLOCKS, DTYPE
 
-__all__ = ["LaplacePosterior", "load_laplace"]
+__all__ = ["LaplacePosterior", "load_laplace", "prior_groups", "GROUPINGS"]
 
 _FILES = ("laplace.safetensors", "laplace.json")
 
@@ -45,10 +46,11 @@ class LaplacePosterior(Posterior):
     """
 
     def __init__(self, site_names, shapes, map_values, blocks, prior_precision, log_likelihood: float,
-                 n_data: int, meta: dict, lora=None):
+                 n_data: int, meta: dict, lora=None, prior_mean=None):
         self.site_names = list(site_names)
         self.shapes = [tuple(s) for s in shapes]
         self.map = {k: v.detach().clone() for k, v in map_values.items()}
+        self.prior_mean = _prior_mean(self.site_names, self.shapes, prior_mean)
         self.blocks = list(blocks)
         self.log_likelihood, self.n_data, self.meta = float(log_likelihood), int(n_data), dict(meta)
         self.lora = lora
@@ -115,32 +117,38 @@ class LaplacePosterior(Posterior):
     def log_marginal_likelihood(self, prior_precision=None) -> torch.Tensor:
         """Laplace evidence ``log p(y | theta*) + log p(theta*) + D/2 log 2 pi - 1/2 log det(H + delta)``."""
         d = self._d(prior_precision)
-        scatter = sum(d[i] * self.map[n].double().square().sum() for i, n in enumerate(self.site_names))
+        scatter = sum(d[i] * (self.map[n].double() - self.prior_mean[n].to(self.map[n].device)).square().sum()
+                      for i, n in enumerate(self.site_names))
         return self.log_likelihood - 0.5 * (self.log_det_ratio(d) + scatter)
 
-    def optimize_prior_precision(self, per_site: bool = False, steps: int = 200, init=None) -> torch.Tensor:
+    def optimize_prior_precision(self, per_site: bool = False, steps: int = 200, init=None,
+                                 groups: str | None = None) -> torch.Tensor:
         """Maximise the marginal likelihood over ``log delta`` (L-BFGS with a strong-Wolfe line search).
 
-        One value for all sites, or one per site (``per_site=True``). Sets and returns the prior
-        precision; ``marglik_trace`` holds the objective at each evaluation. (Adam at lr 0.1, the
-        Laplace-LoRA recipe, crawls here: the gradient shrinks by orders of magnitude on the way from
-        a poor start, and Adam's second-moment memory keeps its steps small.)
+        One value for all sites (``groups="one"``, the default), one per site (``"site"``, or
+        ``per_site=True``) or one for the LoRA ``A`` sites, one for the ``B`` sites and one for any
+        other (a head) (``"AB"``, see :func:`prior_groups`). Sets and returns the prior precision;
+        ``marglik_trace`` holds the objective at each evaluation. (Adam at lr 0.1, the Laplace-LoRA
+        recipe, crawls here: the gradient shrinks by orders of magnitude on the way from a poor
+        start, and Adam's second-moment memory keeps its steps small.)
         """
-        start = self._delta if init is None else self._d(init)
-        log_d = (start.log() if per_site else start.log().mean().reshape(1)).clone().requires_grad_()
+        index = prior_groups(self.site_names, "site" if per_site else (groups or "one"))
+        start = (self._delta if init is None else self._d(init)).log()
+        k = int(index.max()) + 1
+        log_d = torch.stack([start[index == g].mean() for g in range(k)]).clone().requires_grad_()
         opt = torch.optim.LBFGS([log_d], lr=1.0, max_iter=steps, tolerance_grad=1e-9,
                                 tolerance_change=1e-12, line_search_fn="strong_wolfe")
         trace: list[float] = []
 
         def closure():
             opt.zero_grad()
-            loss = -self.log_marginal_likelihood(log_d.exp())
+            loss = -self.log_marginal_likelihood(log_d.exp()[index])
             loss.backward()
             trace.append(-loss.item())
             return loss
 
         opt.step(closure)
-        self.prior_precision = log_d.detach().exp()
+        self.prior_precision = log_d.detach().exp()[index]
         self.marglik_trace = trace + [float(self.log_marginal_likelihood())]
         return self.prior_precision
 
@@ -219,6 +227,8 @@ class LaplacePosterior(Posterior):
         as a pair (other files in the folder are kept)."""
         tensors = {f"map.{i}": self.map[n].contiguous() for i, n in enumerate(self.site_names)}
         tensors["prior_precision"] = self._delta.contiguous()
+        tensors.update({f"prior_mean.{i}": self.prior_mean[n].contiguous()
+                        for i, n in enumerate(self.site_names) if self.prior_mean[n].any()})
         for j, b in enumerate(self.blocks):
             tensors.update({f"block{j}.{k}": t.contiguous() for k, t in b.tensors().items()})
         info = dict(site_names=self.site_names, shapes=self.shapes, log_likelihood=self.log_likelihood,
@@ -231,6 +241,40 @@ class LaplacePosterior(Posterior):
 
 _FIELDS = {"site_names": "list[str]", "shapes": "shapes", "log_likelihood": "float", "n_data": "int>=0",
            "meta": "dict", "blocks": "list"}
+
+
+GROUPINGS = ("one", "AB", "site")
+
+
+def prior_groups(site_names: list[str], how: str) -> torch.Tensor:
+    """The prior-precision group of each site, ``(num_sites,)`` indices from 0: ``"one"`` (one
+    group), ``"site"`` (a group per site) or ``"AB"`` (the LoRA ``A`` sites, the ``B`` sites and
+    any other site such as a head: one group each, numbered in that order, empty ones skipped)."""
+    if how not in GROUPINGS:
+        raise ValueError(f"prior groups must be one of {GROUPINGS}, got {how!r}")
+    if how == "one":
+        return torch.zeros(len(site_names), dtype=torch.long)
+    if how == "site":
+        return torch.arange(len(site_names))
+    kind = ["A" if "lora_A" in n else "B" if "lora_B" in n else "other" for n in site_names]
+    order = [k for k in ("A", "B", "other") if k in kind]
+    return torch.tensor([order.index(k) for k in kind])
+
+
+def _prior_mean(names, shapes, given) -> dict[str, torch.Tensor]:
+    """Per-site prior means (float64, zeros where ``given`` has none), shapes checked."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"prior_mean names {unknown[:3]} that are not sites; the sites are {names[:3]}...")
+    out = {}
+    for n, s in zip(names, shapes, strict=True):
+        m = given.get(n)
+        m = torch.zeros(s, dtype=DTYPE) if m is None else torch.as_tensor(m).detach().to("cpu", DTYPE)
+        if tuple(m.shape) != tuple(s):
+            raise ValueError(f"prior_mean[{n!r}] has shape {tuple(m.shape)}, the site has {tuple(s)}")
+        out[n] = m
+    return out
 
 
 def load_laplace(path, lora=None) -> LaplacePosterior:
@@ -261,9 +305,14 @@ def load_laplace(path, lora=None) -> LaplacePosterior:
     for j, kind, sites, bt in _block_entries(jf, info["blocks"], t, len(names)):
         _check_block(tf, j, kind, [shapes[i] for i in sites], bt)
         blocks.append(BLOCKS[kind].from_tensors(sites, [shapes[i] for i in sites], bt))
+    means = {n: t[f"prior_mean.{i}"] for i, n in enumerate(names) if f"prior_mean.{i}" in t}
+    for i, n in enumerate(names):
+        if n in means and tuple(means[n].shape) != shapes[i]:
+            raise FileFormatError(f"{tf}: tensor 'prior_mean.{i}' has shape {tuple(means[n].shape)}, "
+                                  f"expected {shapes[i]} (the site {n!r}); the file is damaged")
     return LaplacePosterior(names, shapes, {n: t[f"map.{i}"] for i, n in enumerate(names)}, blocks,
                             t["prior_precision"], info["log_likelihood"], info["n_data"], info["meta"],
-                            lora=lora)
+                            lora=lora, prior_mean=means)
 
 
 def _block_entries(jf, entries, t, num_sites):
