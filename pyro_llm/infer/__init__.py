@@ -19,12 +19,13 @@ from .laplace import LaplacePosterior, fit_laplace, load_laplace
 from .polar_fit import fit_polar
 from .polar_vbll import PolarVBLL, fit_polar_vbll, load_polar_vbll
 from .svi import EarlyStopping, FitResult, fit_map, fit_svi, make_guide, scale_lr
+from .train import LossPlateau
 
 __all__ = [
     "BLoBGuide", "BLoBResult", "collect_logits", "distributed", "EarlyStopping",
     "EnsemblePosterior", "fit_blob", "fit_ensemble", "fit_laplace", "fit_map", "fit_polar",
     "fit_polar_vbll", "fit_svi", "fit_temperature", "FitResult", "independent", "kl_weights",
-    "LaplacePosterior", "launch", "load_ensemble", "load_laplace", "load_polar_vbll", "make_guide",
+    "LaplacePosterior", "launch", "LossPlateau", "load_ensemble", "load_laplace", "load_polar_vbll", "make_guide",
     "mc_dropout_predict", "MCDropoutPosterior", "PolarVBLL", "scale_lr", "shard",
     "TemperatureScaling", "TrainConfig",
 ]

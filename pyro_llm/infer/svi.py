@@ -31,7 +31,7 @@ from ..posterior import GuidePosterior, Posterior
 from ..runtime import call_with_batch
 from .checkpoint import describe_named, sketch
 from .config import takes_config
-from .train import EarlyStopping, FitResult, peek_batches, train_loop
+from .train import EarlyStopping, FitResult, LossPlateau, peek_batches, train_loop
 
 __all__ = ["FitResult", "EarlyStopping", "make_guide", "fit_svi", "fit_map", "scale_lr",
            "param_store_tensors", "model_sketch", "svi_posterior", "hf_loss", "set_guide_scales",
@@ -92,7 +92,7 @@ def fit_svi(
     clip_norm: float | None = None,
     checkpoint: str | None = None,
     checkpoint_every: int = 100,
-    early_stopping: EarlyStopping | None = None,
+    early_stopping: EarlyStopping | str | None = None,
     progress: bool = True,
     seed: int | None = 0,
     elbo=None,
@@ -130,6 +130,10 @@ def fit_svi(
     checkpoint:
         A directory; the fit state is written there every ``checkpoint_every`` steps and
         at the end, and a fit started with the same directory resumes from it.
+    early_stopping:
+        An :class:`EarlyStopping` on a held-out metric, or a convergence rule on the loss itself:
+        ``"auto"`` is :class:`~pyro_llm.infer.train.LossPlateau` over epoch means (stop after 3
+        epochs whose mean negative ELBO is not 0.1% below the best; ``epochs`` is then a cap).
     elbo:
         The Pyro ELBO (default ``Trace_ELBO(num_particles)``); pass
         ``TraceEnum_ELBO(max_plate_nesting=...)`` for a model whose discrete sites are
@@ -159,6 +163,7 @@ def fit_svi(
     if isinstance(guide, str):
         guide = make_guide(model, guide, init_values, 1e-3 if warm is not None else init_scale)
     first, data = peek_batches(data)
+    early_stopping = _auto_stopping(early_stopping, data)
     params = param_store_tensors(model, guide, first, loss)  # also builds the guide
     if not params:
         raise ValueError("the model and guide have no parameters to fit")
@@ -179,6 +184,17 @@ def fit_svi(
     )
     return dataclasses.replace(fit, params={n: p.detach().clone() for n, p in _constrained(params).items()},
                                posterior=svi_posterior(guide, _find_lora(model, init_values)))
+
+
+def _auto_stopping(rule, data):
+    if not isinstance(rule, str):
+        return rule
+    if rule != "auto":
+        raise ValueError(f"early_stopping must be an EarlyStopping, 'auto' or None, got {rule!r}")
+    if not hasattr(data, "__len__"):
+        raise ValueError("early_stopping='auto' compares epoch means and needs data with a len() "
+                         "(a DataLoader or a list); pass LossPlateau(every=<batches per epoch>)")
+    return LossPlateau(every=max(len(data), 1))
 
 
 def svi_posterior(guide, lora=None) -> Posterior:

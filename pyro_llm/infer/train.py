@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from . import distributed as _dist
 from .checkpoint import load_checkpoint, save_checkpoint, sketch
 
-__all__ = ["FitResult", "EarlyStopping", "train_loop", "peek_batches", "data_sketch", "OneShot"]
+__all__ = ["FitResult", "EarlyStopping", "LossPlateau", "train_loop", "peek_batches", "data_sketch",
+           "OneShot"]
 
 _END = object()
 _HALF = (torch.float16, torch.bfloat16)
@@ -81,6 +82,42 @@ class EarlyStopping:
     def __post_init__(self):
         if self.every < 1 or self.patience < 1:
             raise ValueError(f"every and patience must be >= 1, got {self.every}, {self.patience}")
+
+    def value(self, losses: list[float]) -> tuple[float, float]:
+        """``(value, margin)``: the metric now and the improvement it must beat."""
+        return float(self.metric()), self.min_delta
+
+
+@dataclass(frozen=True)
+class LossPlateau(EarlyStopping):
+    """Stop when the training loss has stopped falling: a convergence rule for a stochastic
+    objective (SVI's negative ELBO), with no held-out data.
+
+    Every ``every`` steps the mean loss of those steps is compared with the best window mean so
+    far; a window improves only if it is lower by more than ``rtol * |best| + min_delta`` (plus
+    ``z`` standard errors of the difference of two window means, from the window's spread, when
+    ``z > 0``). After ``patience`` windows without an improvement the fit stops and the
+    parameters at the end of the best window are restored.
+
+    Take ``every`` = one epoch's batches (:func:`~pyro_llm.fit_svi` does for ``"auto"``): epoch
+    means then compare the same examples, so the spread between minibatches cancels and what is
+    left is the noise of the guide's draws, which ``patience`` absorbs. With shorter windows
+    minibatch noise swamps slow progress unless ``z`` accounts for it (and then the rule may stop
+    while the loss still falls, slower than the noise).
+    """
+
+    metric: Callable[[], float] | None = None
+    every: int = 50
+    patience: int = 3
+    min_delta: float = 0.0
+    rtol: float = 1e-3
+    z: float = 0.0
+
+    def value(self, losses: list[float]) -> tuple[float, float]:
+        window = torch.tensor(losses[-self.every:], dtype=torch.float64)
+        se = float(window.std()) / len(window) ** 0.5 if len(window) > 1 else 0.0
+        mean = float(window.mean())
+        return mean, self.min_delta + self.rtol * abs(mean) + self.z * se * 2 ** 0.5
 
 
 # ---------------------------------------------------------------------------- data
@@ -294,7 +331,9 @@ def _fingerprint(method, params, data, optim, clip_norm, seed, early_stopping, e
                       sorted({float(g["lr"]) for g in optim.param_groups})],
         "clip_norm": clip_norm, "seed": seed,
         "early_stopping": None if early_stopping is None else
-        [early_stopping.every, early_stopping.patience, early_stopping.min_delta],
+        [early_stopping.every, early_stopping.patience, early_stopping.min_delta,
+         type(early_stopping).__name__, getattr(early_stopping, "rtol", None),
+         getattr(early_stopping, "z", None)],
         **dict(extra or {}),
     }
 
@@ -325,9 +364,11 @@ class _LoopState:
         return total is not None and self.step >= total
 
     def evaluate(self, es: EarlyStopping, params) -> bool:
-        value = _dist.mean_over_ranks(float(es.metric()))  # one decision for every rank
+        value, margin = es.value(self.losses)
+        value = _dist.mean_over_ranks(value)  # one decision for every rank
+        margin = _dist.mean_over_ranks(margin)
         self.val.append((self.step, value))
-        if value < self.best_value - es.min_delta:
+        if value < self.best_value - margin:
             self.best_value, self.best_step, self.bad = value, self.step, 0
             self.best = {n: p.detach().clone() for n, p in params.items()}
         else:
