@@ -148,7 +148,7 @@ def _fit(**kw):
     pyro.clear_param_store()
     pm = mlp_peft(d_in=D_IN, classes=CLASSES, hidden=16)
     fake_finetune(pm)
-    args = dict(prior_scale=0.2, epochs=6, lr=2e-2, progress=False, seed=3)
+    args = dict(prior_scale=0.2, epochs=6, lr=2e-2, progress=False, seed=3, optimizer="joint")
     args.update(kw)
     return pm, fit_blob(pm, _loader(), **args)
 
