@@ -18,6 +18,11 @@ with ``regularization_weight = 1 / N`` (N = training set size) giving the ELBO d
 Covariance of each ``q(w_j)`` (``cov=``): ``"dense"`` (``Sigma = L L^T``, L lower triangular with
 a positive diagonal ``exp(log_diag)``), ``"diag"``, or ``"lowrank"`` (``diag(exp(2 log_diag)) +
 F F^T``, F of rank ``cov_rank``). Heads depend on torch only and save with safetensors + JSON.
+
+``prior_scale="auto"``: the prior scale ``s`` by type-II maximum likelihood (:meth:`prior_variance`).
+``offset=`` (classification): a fixed per-datum logit offset ``b`` (``(B, C)``, e.g. a language
+model's own answer-token logits), so that the logits are ``b + W phi`` and the head learns a
+correction around them; the offset is data, not a parameter of the head.
 """
 
 from __future__ import annotations
@@ -104,13 +109,14 @@ class _VBLLHead(nn.Module):
 
     task = ""
 
-    def __init__(self, in_features: int, out: int, *, prior_scale: float, cov: str, cov_rank: int,
+    def __init__(self, in_features: int, out: int, *, prior_scale: float | str, cov: str, cov_rank: int,
                  regularization_weight: float | None, num_data: int | None, seed: int):
         super().__init__()
         if in_features < 1 or out < 1:
             raise ValueError(f"in_features and outputs must be >= 1, got {in_features}, {out}")
-        if not prior_scale > 0:
-            raise ValueError(f"prior_scale must be > 0, got {prior_scale}")
+        self.auto_prior = isinstance(prior_scale, str) and prior_scale == "auto"
+        if not self.auto_prior and not (isinstance(prior_scale, (int, float)) and prior_scale > 0):
+            raise ValueError(f"prior_scale must be > 0 or 'auto', got {prior_scale!r}")
         if regularization_weight is None:
             if num_data is None or num_data < 1:
                 raise ValueError("pass num_data=N (the training set size, weight 1/N on the KL) or "
@@ -120,8 +126,8 @@ class _VBLLHead(nn.Module):
             raise ValueError(f"regularization_weight must be >= 0, got {regularization_weight}")
         g = torch.Generator().manual_seed(seed)
         self.in_features, self.out, self.cov_kind, self.cov_rank = in_features, out, cov, cov_rank
-        self.prior_scale, self.regularization_weight, self.seed = float(prior_scale), \
-            float(regularization_weight), seed
+        self.prior_scale = "auto" if self.auto_prior else float(prior_scale)
+        self.regularization_weight, self.seed = float(regularization_weight), seed
         self.mean = nn.Parameter(torch.randn(out, in_features, generator=g) / math.sqrt(in_features))
         self.cov = _Covariance(out, in_features, cov, cov_rank, g)
 
@@ -131,19 +137,50 @@ class _VBLLHead(nn.Module):
             raise ValueError(f"features must be a (batch, {self.in_features}) tensor, got {shape}")
         return features.to(self.mean)
 
-    def logit_moments(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``mu_j . phi`` and variance ``phi^T Sigma_j phi`` of ``W phi``: two ``(B, out)``."""
+    def _shift(self, z: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """``z + offset`` (``offset``: ``(B, out)`` like ``z``, or ``None``: ``z`` itself)."""
+        if offset is None:
+            return z
+        if not torch.is_tensor(offset) or offset.shape != z.shape[-2:]:
+            shape = tuple(offset.shape) if torch.is_tensor(offset) else type(offset).__name__
+            raise ValueError(f"offset must be a {tuple(z.shape[-2:])} tensor, got {shape}")
+        return z + offset.to(self.mean)
+
+    def logit_moments(self, features: torch.Tensor, offset: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``offset + mu_j . phi`` and variance ``phi^T Sigma_j phi`` of ``offset + W phi``:
+        two ``(B, out)`` (``offset``: ``(B, out)`` or ``None`` for none)."""
         phi = self._phi(features)
-        return phi @ self.mean.T, self.cov.quad(phi)
+        return self._shift(phi @ self.mean.T, offset), self.cov.quad(phi)
 
     def covariance(self) -> torch.Tensor:
         """``Sigma_j`` for every output: ``(out, D, D)``."""
         return self.cov.matrix()
 
+    def prior_variance(self) -> torch.Tensor:
+        """The prior variance ``s^2`` per weight (a scalar tensor).
+
+        With ``prior_scale="auto"``, ``s`` by type-II maximum likelihood on the bound: the loss is
+        minus an ELBO ``L(q, s) <= log p(y | s)``, and its maximiser over ``s`` for the current ``q``
+        is closed-form, ``s^2 = sum_j (tr Sigma_j + |mu_j|^2) / (out D)`` (where ``dKL/ds = 0``).
+        Putting it in the KL profiles ``s`` out: every step on ``q`` of ``L(q, s(q))`` is a step on
+        ``max_s L(q, s)`` (``dL/ds = 0`` there, so the gradient in ``q`` is the one at fixed ``s``),
+        i.e. variational EM with an exact M-step after every step, with no learning rate and no
+        starting value for ``s``. A feature that does not help the likelihood lets ``q`` and ``s``
+        shrink together (the KL is 0 whenever ``q = N(0, s^2 I)``), one that helps grows them.
+        """
+        if not self.auto_prior:
+            return self.mean.new_tensor(self.prior_scale ** 2)
+        total = (self.cov.trace() + self.mean.pow(2).sum(-1)).sum()
+        return total / (self.out * self.in_features)
+
     def kl(self) -> torch.Tensor:
-        """``KL(q(W) || N(0, prior_scale^2 I))`` in closed form, summed over outputs (a scalar)."""
-        s2, d = self.prior_scale ** 2, self.in_features
-        per = (self.cov.trace() + self.mean.pow(2).sum(-1)) / s2 - d + d * math.log(s2) - self.cov.logdet()
+        """``KL(q(W) || N(0, s^2 I))`` in closed form, summed over outputs (a scalar); ``s^2`` is
+        :meth:`prior_variance` (``prior_scale^2``, or its type-II ML value under ``"auto"``)."""
+        d = self.in_features
+        s2 = self.prior_variance() if self.auto_prior else self.prior_scale ** 2
+        log_s2 = s2.log() if self.auto_prior else math.log(s2)
+        per = (self.cov.trace() + self.mean.pow(2).sum(-1)) / s2 - d + d * log_s2 - self.cov.logdet()
         return 0.5 * per.sum()
 
     def sample_weights(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -165,7 +202,8 @@ class VBLLRegression(_VBLLHead):
     Parameters
     ----------
     in_features, out_features: feature dimension D and number of regression outputs.
-    prior_scale: prior standard deviation of every weight, ``W ~ N(0, prior_scale^2 I)``.
+    prior_scale: prior standard deviation of every weight, ``W ~ N(0, prior_scale^2 I)``, or
+        ``"auto"`` for its type-II maximum-likelihood value (:meth:`prior_variance`).
     noise: the noise standard deviation (known, or the starting value with ``learn_noise``).
     learn_noise: fit ``log noise`` as a point estimate on the same bound (type-II ML).
     cov: ``"dense"``, ``"diag"`` or ``"lowrank"`` (with ``cov_rank``).
@@ -181,7 +219,7 @@ class VBLLRegression(_VBLLHead):
 
     task = "regression"
 
-    def __init__(self, in_features: int, out_features: int = 1, *, prior_scale: float = 1.0,
+    def __init__(self, in_features: int, out_features: int = 1, *, prior_scale: float | str = 1.0,
                  noise: float = 1.0, learn_noise: bool = False, cov: str = "dense", cov_rank: int = 0,
                  regularization_weight: float | None = None, num_data: int | None = None, seed: int = 0):
         super().__init__(in_features, out_features, prior_scale=prior_scale, cov=cov, cov_rank=cov_rank,
@@ -244,7 +282,7 @@ class VBLLClassification(_VBLLHead):
 
     task = "classification"
 
-    def __init__(self, in_features: int, num_classes: int, *, prior_scale: float = 1.0,
+    def __init__(self, in_features: int, num_classes: int, *, prior_scale: float | str = 1.0,
                  cov: str = "dense", cov_rank: int = 0, regularization_weight: float | None = None,
                  num_data: int | None = None, seed: int = 0):
         if num_classes < 2:
@@ -265,24 +303,27 @@ class VBLLClassification(_VBLLHead):
                              f"[{int(y.min())}, {int(y.max())}]")
         return y.to(self.mean.device)
 
-    def logits_mean(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits at the posterior mean, ``mu phi``: ``(B, C)``."""
-        return self._phi(features) @ self.mean.T
+    def logits_mean(self, features: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at the posterior mean, ``offset + mu phi``: ``(B, C)``."""
+        return self._shift(self._phi(features) @ self.mean.T, offset)
 
-    def jensen_bound(self, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def jensen_bound(self, features: torch.Tensor, y: torch.Tensor, offset: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """``m_y - logsumexp(m + v / 2) <= E_q[log softmax(W phi)_y]`` per datum: ``(B,)``."""
-        m, v = self.logit_moments(features)
+        m, v = self.logit_moments(features, offset)
         y = self._labels(y, m.shape[0])
         return m.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(m + 0.5 * v, dim=-1)
 
-    def loss(self, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, features: torch.Tensor, y: torch.Tensor, offset: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """Minus the Jensen-bound ELBO per datum (a scalar to minimise)."""
-        return -self.jensen_bound(features, y).mean() + self.regularization_weight * self.kl()
+        return -self.jensen_bound(features, y, offset).mean() + self.regularization_weight * self.kl()
 
     def predict_probs(self, features: torch.Tensor, num_samples: int | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, offset: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """Posterior predictive class probabilities ``(B, C)`` (see the class docstring)."""
-        m, v = self.logit_moments(features)
+        m, v = self.logit_moments(features, offset)
         if num_samples is None:
             return torch.softmax(m / (1 + math.pi / 8 * v).sqrt(), dim=-1)
         if num_samples < 1:
@@ -290,16 +331,18 @@ class VBLLClassification(_VBLLHead):
         eps = torch.randn((num_samples, *m.shape), generator=generator, dtype=m.dtype, device=m.device)
         return torch.softmax(m + v.sqrt() * eps, dim=-1).mean(0)
 
-    def sample_probs(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def sample_probs(self, features: torch.Tensor, weights: torch.Tensor,
+                     offset: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities under given weight draws ``(S, C, D)`` (:meth:`sample_weights`): ``(S, B, C)``."""
-        return torch.softmax(torch.einsum("bd,scd->sbc", self._phi(features), weights.to(self.mean)), -1)
+        z = torch.einsum("bd,scd->sbc", self._phi(features), weights.to(self.mean))
+        return torch.softmax(self._shift(z, offset), -1)
 
 
 _HEADS = {"regression": VBLLRegression, "classification": VBLLClassification}
 _FILES = ("vbll.safetensors", "vbll.json")
 
 
-_FIELDS = {"task": "str", "in_features": "int", "out": "int", "prior_scale": "float", "cov": "str",
+_FIELDS = {"task": "str", "in_features": "int", "out": "int", "prior_scale": "float|str", "cov": "str",
            "cov_rank": "int>=0", "regularization_weight": "float>=0", "seed": "int"}
 _TASK_FIELDS = {"regression": {"noise": "float", "learn_noise": "bool"}, "classification": {}}
 

@@ -230,3 +230,101 @@ def test_save_load_round_trip(tmp_path, cls):
     assert torch.equal(back.loss(x, y), head.loss(x, y))
     with pytest.raises(FileNotFoundError, match="not a saved VBLL head"):
         load_head(tmp_path)
+
+
+# ---------------------------------------------------------------- logit offset, prior_scale="auto"
+def test_offset_shifts_the_logit_mean_only_and_carries_its_gradient():
+    """``offset + W phi``: every classification quantity is the plain one with ``m + b``."""
+    head = VBLLClassification(4, 3, num_data=10).double()
+    with torch.no_grad():
+        head.cov.log_diag.fill_(-0.5)
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    m, v = head.logit_moments(phi)
+    mb, vb = head.logit_moments(phi, b)
+    torch.testing.assert_close(mb, m + b, rtol=0, atol=1e-12)
+    assert torch.equal(vb, v)
+    torch.testing.assert_close(head.logits_mean(phi, b), m + b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(head.predict_probs(phi, offset=b),
+                               torch.softmax((m + b) / (1 + math.pi / 8 * v).sqrt(), -1))
+    jensen = (m + b).gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(m + b + v / 2, -1)
+    torch.testing.assert_close(head.jensen_bound(phi, y, b), jensen)
+    w = head.sample_weights(4, g)
+    torch.testing.assert_close(head.sample_probs(phi, w, b),
+                               torch.softmax(torch.einsum("bd,scd->sbc", phi, w) + b, -1))
+    head.loss(phi, y, b).backward()  # the backbone block trains through the offset
+    assert b.grad is not None and b.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"offset must be a \(5, 3\) tensor"):
+        head.loss(phi, y, b[:, :2])
+
+
+@pytest.mark.parametrize("cov", ["dense", "diag", "lowrank"])
+def test_auto_prior_kl_is_the_kl_to_the_type2_ml_scale_which_minimises_it(cov):
+    head = VBLLClassification(4, 3, prior_scale="auto", cov=cov, cov_rank=2, num_data=10).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.4 * torch.randn_like(p))
+    S = head.covariance().detach()
+    s2 = head.prior_variance()
+    torch.testing.assert_close(s2, (S.diagonal(dim1=-2, dim2=-1).sum() + head.mean.pow(2).sum()) / 12)
+    q = torch.distributions.MultivariateNormal(head.mean, S)
+
+    def kl_to(var):
+        p = torch.distributions.MultivariateNormal(torch.zeros(3, 4, dtype=torch.float64),
+                                                   var * torch.eye(4, dtype=torch.float64))
+        return torch.distributions.kl_divergence(q, p).sum()
+
+    torch.testing.assert_close(head.kl(), kl_to(s2))
+    for f in (0.8, 0.95, 1.05, 1.25):  # s^2 is the minimiser of the KL over the prior scale
+        assert kl_to(f * s2) > head.kl() + 1e-9, f
+    # the same head with that scale fixed: the same KL, and the same gradient in q (dKL/ds = 0)
+    fixed = VBLLClassification(4, 3, prior_scale=float(s2.detach().sqrt()), cov=cov, cov_rank=2,
+                               num_data=10).double()
+    fixed.load_state_dict(head.state_dict())
+    head.kl().backward()
+    fixed.kl().backward()
+    torch.testing.assert_close(head.kl(), fixed.kl())
+    for a, b in zip(head.parameters(), fixed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def _fit_auto(phi, y, steps=600):
+    head = VBLLClassification(phi.shape[1], 3, prior_scale="auto", num_data=len(y)).double()
+    s0 = float(head.prior_variance().detach().sqrt())
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        head.loss(phi, y).backward()
+        opt.step()
+    return s0, float(head.prior_variance().detach().sqrt())
+
+
+def test_auto_prior_scale_grows_with_a_signal_and_shrinks_without_one():
+    """Type-II ML on a known truth: labels drawn from softmax(W phi) want a prior sd near the
+    root mean square of the true W (here 0.99; s starts at 0.62); labels independent of phi
+    want none (s -> 0, the head switches off)."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 5
+    phi = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = 2 * torch.randn(3, d, generator=g, dtype=torch.float64)
+    signal = torch.distributions.Categorical(logits=phi @ w.T).sample()
+    noise = torch.randint(0, 3, (n,), generator=g)
+    s0, s_signal = _fit_auto(phi, signal)
+    _, s_noise = _fit_auto(phi, noise)
+    truth = float(w.pow(2).mean().sqrt())
+    assert s0 < s_signal and abs(math.log(s_signal / truth)) < math.log(1.25), (s0, s_signal, truth)
+    assert s_noise < 0.5 * s0, (s0, s_noise)
+
+
+def test_auto_prior_head_saves_and_loads(tmp_path):
+    head = VBLLClassification(4, 3, prior_scale="auto", num_data=10)
+    with torch.no_grad():
+        head.mean.add_(1.0)
+    save_head(head, tmp_path / "h")
+    back = load_head(tmp_path / "h")
+    assert back.prior_scale == "auto" and back.config() == head.config()
+    assert torch.equal(back.kl(), head.kl()) and torch.equal(back.prior_variance(), head.prior_variance())
+    with pytest.raises(ValueError, match="prior_scale must be > 0 or 'auto'"):
+        VBLLClassification(4, 3, prior_scale="big", num_data=10)

@@ -25,7 +25,8 @@ __all__ = [
     "BLoBGuide", "BLoBResult", "collect_logits", "distributed", "EarlyStopping",
     "EnsemblePosterior", "fit_blob", "fit_ensemble", "fit_laplace", "fit_map", "fit_polar",
     "fit_polar_vbll", "fit_svi", "fit_temperature", "FitResult", "independent", "kl_weights",
-    "LaplacePosterior", "launch", "LossPlateau", "load_ensemble", "load_laplace", "load_polar_vbll", "make_guide",
+    "LaplacePosterior", "launch", "LossPlateau", "load_ensemble", "load_laplace", "load_polar_vbll",
+    "make_guide",
     "mc_dropout_predict", "MCDropoutPosterior", "PolarVBLL", "scale_lr", "shard",
     "TemperatureScaling", "TrainConfig",
 ]

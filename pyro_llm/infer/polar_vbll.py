@@ -3,7 +3,10 @@
 The model is a Bayesian last layer on deterministic features: ``phi = features_fn(adapter, batch)``
 (``(B, D)``, e.g. the pooled output that feeds a sequence classifier's head, or a decoder's
 last-token hidden state) and ``p(y | phi, W) = softmax(W phi)`` with a Gaussian ``q(W)``
-(:class:`~pyro_llm.vbll.VBLLClassification`). One objective, minus the VBLL bound per datum,
+(:class:`~pyro_llm.vbll.VBLLClassification`). A ``features_fn`` may also return a logit offset,
+``(phi, b)``: then ``p(y | phi, W) = softmax(b + W phi)`` and ``q(W)`` starts at mean 0, so a
+causal LM keeps its own answer-token readout ``b`` and the head learns a correction around it
+(:func:`~pyro_llm.infer.answer_head.answer_readout`). One objective, minus the VBLL bound per datum,
 is minimised by *alternating optimisation* over two blocks:
 
 1. **head block** (backbone fixed): the variational parameters of ``q(W)`` (mean and
@@ -51,13 +54,14 @@ from ..posterior import Draw, Posterior
 from ..readout import default_labels as _read_labels
 from ..runtime import train_mode
 from ..vbll import VBLLClassification, load_head, save_head
+from .answer_head import FeatureMap, answer_readout, split_output
 from .config import takes_config
 
-__all__ = ["PolarVBLL", "fit_polar_vbll", "load_polar_vbll"]
+__all__ = ["PolarVBLL", "answer_readout", "fit_polar_vbll", "load_polar_vbll"]
 
 ALTERNATES = ("epoch", "step")
 _ADAPTER, _META, _FORMAT = "adapter.safetensors", "polar_vbll.json", "pyro_llm.polar_vbll"
-_OWNED = (_ADAPTER, _META, "head", "peft_adapter")
+_OWNED = (_ADAPTER, _META, "head", "peft_adapter", FeatureMap.FILE)
 
 
 def default_labels(batch) -> torch.Tensor:
@@ -78,8 +82,8 @@ class PolarVBLL(Posterior):
     """A fitted PoLAR-VBLL model: the adapter (backbone), the VBLL head and the fit record.
 
     Attributes: ``adapter``, ``head`` (:class:`~pyro_llm.vbll.VBLLClassification`),
-    ``features_fn``, ``losses`` (backbone-block loss per step), ``head_losses`` (head-block
-    loss per step), ``fit_seconds``, ``config`` (the fit's settings).
+    ``features_fn`` (returns ``phi`` or ``(phi, offset)``), ``losses`` (backbone-block loss per
+    step), ``head_losses`` (head-block loss per step), ``fit_seconds``, ``config`` (the fit's settings).
 
     As a :class:`~pyro_llm.Posterior` its one random site is the last layer's weight matrix,
     ``SITE`` (``(C, D)``); the adapter is a point estimate. So ``to_arviz(model, num_samples=S)``
@@ -110,15 +114,21 @@ class PolarVBLL(Posterior):
         return {self.SITE: self.head.mean.detach().clone()}
 
     @torch.no_grad()
-    def features(self, data: Iterable, progress: bool = True) -> torch.Tensor:
-        """The backbone's features for every example: ``(N, D)`` (one forward per batch)."""
-        return torch.cat(list(self._feature_batches(data, progress)))
+    def features(self, data: Iterable, progress: bool = True, offset: bool = False):
+        """The head's features for every example, ``(N, D)`` (one forward per batch); with
+        ``offset=True`` the pair ``(features, offsets)``, offsets ``(N, C)`` or ``None``."""
+        pairs = list(self._feature_batches(data, progress))
+        phi = torch.cat([f for f, _ in pairs])
+        if not offset:
+            return phi
+        return phi, (None if pairs[0][1] is None else torch.cat([b for _, b in pairs]))
 
     def _feature_batches(self, data, progress):
         total = len(data) if hasattr(data, "__len__") else None
         with train_mode(_backbone(self.adapter), self.dropout), torch.no_grad():
             for batch in tqdm(data, total=total, disable=not progress, desc="predict", leave=False):
-                yield _features(self.features_fn, self.adapter, batch, self.head.in_features)
+                yield split_output(self.features_fn(self.adapter, batch), self.head.in_features,
+                                   self.head.num_classes)
 
     @torch.no_grad()
     def predictive(self, data: Iterable, num_samples: int | None = None, progress: bool = True,
@@ -129,7 +139,8 @@ class PolarVBLL(Posterior):
         of the logits per example (see :meth:`~pyro_llm.vbll.VBLLClassification.predict_probs`).
         """
         g = _generator(seed, self.head)
-        out = [self.head.predict_probs(f, num_samples, g) for f in self._feature_batches(data, progress)]
+        out = [self.head.predict_probs(f, num_samples, g, offset=b)
+               for f, b in self._feature_batches(data, progress)]
         return _cat(out).float()
 
     @torch.no_grad()
@@ -148,20 +159,23 @@ class PolarVBLL(Posterior):
         """Probabilities under ``num_samples`` draws of the head weights: ``(S, N, C)``; the same
         draws for every batch, one backbone forward per batch. ``.mean(0)`` is the MC predictive."""
         w = self.head.sample_weights(num_samples, _generator(seed, self.head))
-        out = [self.head.sample_probs(f, w) for f in self._feature_batches(data, progress)]
+        out = [self.head.sample_probs(f, w, b) for f, b in self._feature_batches(data, progress)]
         return _cat(out, dim=1).float()
 
     def save(self, path) -> Path:
         """Write the head (``head/``), the adapter's trained tensors (``adapter.safetensors``) and
         ``polar_vbll.json``; a peft-loadable adapter goes to ``peft_adapter/`` when the adapter
-        has ``save_pretrained`` (a :class:`~pyro_llm.polar.PolarAdapter`). Atomic as a whole:
-        an interrupted save leaves the previous one in place (other files in ``path`` are kept)."""
+        has ``save_pretrained`` (a :class:`~pyro_llm.polar.PolarAdapter`), the standardisation
+        of the features to ``features.safetensors`` when they are standardised. Atomic as a
+        whole: an interrupted save leaves the previous one in place (other files are kept)."""
         meta = dict(format=_FORMAT, version=1, dropout=self.dropout, config=self.config,
                     losses=list(self.losses), head_losses=list(self.head_losses),
                     fit_seconds=self.fit_seconds)
         with atomic_folder(path, owned=lambda name: name in _OWNED) as tmp:
             save_head(self.head, tmp / "head")
             save_safetensors(tmp / _ADAPTER, _adapter_tensors(self.adapter))
+            if isinstance(self.features_fn, FeatureMap) and self.features_fn.shift is not None:
+                save_safetensors(tmp / FeatureMap.FILE, self.features_fn.tensors())
             if hasattr(self.adapter, "save_pretrained"):
                 self.adapter.save_pretrained(tmp / "peft_adapter")
             write_json(tmp / _META, meta)
@@ -175,7 +189,8 @@ _FIELDS = {"format": "str", "version": "int", "dropout": "bool", "config": "dict
 def load_polar_vbll(path, adapter: torch.nn.Module, features_fn: Callable) -> PolarVBLL:
     """Read a :meth:`PolarVBLL.save` folder: the adapter's tensors are copied into ``adapter``
     (built on the same base model and LoRA config as the saved one) and written to its peft
-    model; ``features_fn`` is the same function the model was fitted with.
+    model; ``features_fn`` is the same function the model was fitted with (the saved scale or
+    standardisation of its features is applied on top, as in the fit).
 
     Every file is read and checked first (``polar_vbll.json`` field by field, the head, the
     adapter's tensor names, shapes and finiteness); ``adapter`` is changed only when all pass.
@@ -203,12 +218,14 @@ def load_polar_vbll(path, adapter: torch.nn.Module, features_fn: Callable) -> Po
     if not isinstance(head, VBLLClassification):
         raise FileFormatError(f"{path / 'head'} holds a {type(head).__name__}, not the classification "
                               "head of a PolarVBLL; the folder is damaged")
+    fmap = FeatureMap.read(path, features_fn, scale, head.in_features, device,
+                           standardized=bool(meta["config"].get("standardize_features")))
     with torch.no_grad():
         for k, p in current.items():
             p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
     if hasattr(adapter, "write_to_peft"):
         adapter.write_to_peft()
-    return PolarVBLL(adapter, head, _Scaled(features_fn, scale), dropout=meta["dropout"],
+    return PolarVBLL(adapter, head, fmap, dropout=meta["dropout"],
                      losses=meta["losses"], head_losses=meta["head_losses"],
                      fit_seconds=meta["fit_seconds"], config=meta["config"])
 
@@ -217,24 +234,6 @@ def _adapter_tensors(adapter, live: bool = False) -> dict[str, torch.Tensor]:
     groups = (("stiefel", adapter.stiefel_parameters()), ("euclidean", adapter.euclidean_parameters()))
     return {f"{g}.{i}": (p if live else p.detach().cpu().contiguous())
             for g, ps in groups for i, p in enumerate(ps)}
-
-
-class _Scaled:
-    """``features_fn`` times a fixed ``scale`` (the feature normalisation of :func:`fit_polar_vbll`)."""
-
-    def __init__(self, features_fn: Callable, scale: float):
-        self.features_fn, self.scale = features_fn, float(scale)
-
-    def __call__(self, adapter, batch) -> torch.Tensor:
-        return self.features_fn(adapter, batch) * self.scale
-
-
-def _features(features_fn, adapter, batch, dim: int | None = None) -> torch.Tensor:
-    f = features_fn(adapter, batch)
-    if not torch.is_tensor(f) or f.dim() != 2 or (dim is not None and f.shape[1] != dim):
-        shape = tuple(f.shape) if torch.is_tensor(f) else type(f).__name__
-        raise ValueError(f"features_fn must return (batch, {dim or 'D'}) features, got {shape}")
-    return f
 
 
 def _generator(seed: int, head) -> torch.Generator:
@@ -251,10 +250,10 @@ def _cat(chunks, dim=0):
 @takes_config
 def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callable, num_classes: int, *,
                    epochs: int = 1, lr: float = 1e-3, vbll_lr: float = 1e-2, method: str = "landing",
-                   alternate: str = "epoch", inner_steps: int = 1, prior_scale: float = 1.0,
+                   alternate: str = "epoch", inner_steps: int = 1, prior_scale: float | str = 1.0,
                    cov: str = "dense", num_data: int | None = None, labels_fn: Callable | None = None,
                    lam: float = 1.0, dropout: bool = False, normalize_features: bool = True,
-                   progress: bool = True, seed: int = 0) -> PolarVBLL:
+                   standardize_features: bool = False, progress: bool = True, seed: int = 0) -> PolarVBLL:
     """Fit PoLAR-VBLL by alternating optimisation (see the module docstring for the blocks).
 
     Parameters
@@ -263,13 +262,18 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
         and ``euclidean_parameters()``.
     data: a re-iterable of batches (a ``DataLoader``); labels are read by ``labels_fn(batch)``
         (default ``batch["labels"]``, or the last element of a tuple batch).
-    features_fn: ``features_fn(adapter, batch) -> (B, D)`` features through ``adapter``.
+    features_fn: ``features_fn(adapter, batch) -> (B, D)`` features through ``adapter``, or a pair
+        ``(features, offset)`` with ``(B, C)`` logits the head adds its ``W phi`` to (its mean then
+        starts at 0: the model starts as ``offset``). Both carry gradients to the backbone; the
+        head block sees them detached. For a causal LM: :func:`answer_readout`.
     num_classes: number of classes C of the VBLL head.
     epochs, lr, vbll_lr: passes over ``data``; learning rates of the backbone and head blocks.
     method, lam: ``"landing"`` (strength ``lam``) or ``"retraction"`` for ``U, V``.
     alternate, inner_steps: ``"epoch"`` (``inner_steps`` head passes over cached features, then
         a backbone pass) or ``"step"`` (``inner_steps`` head steps, then one backbone step, per batch).
-    prior_scale, cov: the head's prior standard deviation and covariance structure.
+    prior_scale, cov: the head's prior standard deviation per weight (``"auto"``: by type-II
+        maximum likelihood, see :meth:`~pyro_llm.vbll.VBLLClassification.prior_variance`) and
+        covariance structure.
     num_data: training-set size N (KL weight 1/N); default ``len(data.dataset)`` or a count.
     normalize_features: divide the features by one fixed number, the mean L2 norm of the first
         batch's features under the initial backbone, kept in ``config["feature_scale"]`` and
@@ -279,6 +283,11 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
         ``vbll_lr`` times the features' L1 norm; with unit-norm features the prior's logit sd
         is about ``prior_scale`` whatever the backbone (the reference VBLL code scales its
         prior variance by 1/D for the same reason).
+    standardize_features: instead, per-dimension z-scores over ``sqrt(D)``, with the mean and sd
+        of a first pass over ``data`` under the initial backbone (no gradients), fixed thereafter
+        and saved. A decoder's last-token states are nearly collinear (SmolLM2 on reviews: median
+        cosine 0.96), so one scale leaves the head a tiny signal in a huge common direction; with
+        ``alternate="epoch"`` that pass is also the first head block's cache (no extra forward).
 
     Example
     -------
@@ -297,25 +306,22 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
         raise ValueError("the data yielded no batch: the dataset is empty")
     n = num_data or _count(data, labels_fn)
     with torch.no_grad(), train_mode(_backbone(adapter), dropout):
-        f0 = _features(features_fn, adapter, first)
-    scale = 1.0
-    if normalize_features:
-        norm = float(f0.float().norm(dim=-1).mean())
-        if not norm > 0 or not torch.isfinite(torch.tensor(norm)):
-            raise ValueError(f"the first batch's features have mean norm {norm}; check features_fn")
-        scale = 1.0 / norm
-    features_fn = _Scaled(features_fn, scale)
-    f0 = f0 * scale
+        fmap, cache = FeatureMap.fit(features_fn, adapter, data, first, labels_fn, normalize_features,
+                                     standardize_features)
+    f0, b0, _ = cache[0]
     head = VBLLClassification(f0.shape[1], num_classes, prior_scale=prior_scale, cov=cov, num_data=n,
                               seed=seed).to(f0.device)
-    fitter = _Fitter(adapter, head, features_fn, labels_fn, lr, vbll_lr, method, lam, inner_steps)
+    if b0 is not None:  # a correction around the offset: q(W) starts at the prior's mean
+        with torch.no_grad():
+            head.mean.zero_()
+    fitter = _Fitter(adapter, head, fmap, labels_fn, lr, vbll_lr, method, lam, inner_steps)
     t0 = time.perf_counter()
     total = epochs * len(data) if hasattr(data, "__len__") else None
     bar = tqdm(total=total, disable=not progress, desc="fit polar-vbll", leave=False)
     with train_mode(_backbone(adapter), dropout), contextlib.closing(bar):
-        for _ in range(epochs):
+        for epoch in range(epochs):
             if alternate == "epoch":
-                fitter.head_block(data)
+                fitter.head_block(data, cache if standardize_features and epoch == 0 else None)
             for batch in data:
                 fitter.step(batch, head_first=alternate == "step")
                 bar.update(1)
@@ -324,8 +330,10 @@ def fit_polar_vbll(adapter: torch.nn.Module, data: Iterable, features_fn: Callab
         adapter.write_to_peft()
     config = dict(num_classes=num_classes, epochs=epochs, lr=lr, vbll_lr=vbll_lr, method=method,
                   alternate=alternate, inner_steps=inner_steps, lam=lam, num_data=n, seed=seed,
-                  feature_scale=scale)
-    return PolarVBLL(adapter, head, features_fn, dropout=dropout, losses=fitter.losses,
+                  feature_scale=fmap.scale if not standardize_features else 1.0,
+                  standardize_features=standardize_features, prior_scale=prior_scale,
+                  offset=b0 is not None)
+    return PolarVBLL(adapter, head, fmap, dropout=dropout, losses=fitter.losses,
                      head_losses=fitter.head_losses, fit_seconds=time.perf_counter() - t0, config=config)
 
 
@@ -350,33 +358,38 @@ class _Fitter:
         self.losses: list[float] = []
         self.head_losses: list[float] = []
 
-    def _head_step(self, f: torch.Tensor, y: torch.Tensor) -> None:
+    def _features(self, batch):
+        out = self.features_fn(self.adapter, batch)
+        return split_output(out, self.head.in_features, self.head.num_classes)
+
+    def _head_step(self, f: torch.Tensor, offset: torch.Tensor | None, y: torch.Tensor) -> None:
         self.head_opt.zero_grad(set_to_none=True)
-        loss = self.head.loss(f, y)
+        loss = self.head.loss(f, y, offset)
         loss.backward()
         self.head_opt.step()
         self.head_losses.append(float(loss.detach()))
 
-    def head_block(self, data) -> None:
-        """Features of every batch under the current backbone, then ``inner_steps`` passes."""
-        with torch.no_grad():
-            cache = [(_features(self.features_fn, self.adapter, b, self.head.in_features),
-                      self.labels_fn(b)) for b in data]
+    def head_block(self, data, cache=None) -> None:
+        """Features of every batch under the current backbone (or ``cache``, the same), then
+        ``inner_steps`` passes."""
+        if cache is None:
+            with torch.no_grad():
+                cache = [(*self._features(b), self.labels_fn(b)) for b in data]
         for _ in range(self.inner_steps):
             for i in torch.randperm(len(cache)).tolist():
                 self._head_step(*cache[i])
 
     def step(self, batch, head_first: bool) -> None:
         """One backbone step (head fixed), after ``inner_steps`` head steps if ``head_first``."""
-        f = _features(self.features_fn, self.adapter, batch, self.head.in_features)
+        f, offset = self._features(batch)
         y = self.labels_fn(batch)
         if head_first:
             for _ in range(self.inner_steps):
-                self._head_step(f.detach(), y)
+                self._head_step(f.detach(), None if offset is None else offset.detach(), y)
         self.backbone_opt.zero_grad(set_to_none=True)
         self.head.requires_grad_(False)
         try:
-            loss = self.head.loss(f, y)
+            loss = self.head.loss(f, y, offset)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {float(loss.detach())} at step {len(self.losses)}; "
                                          "lower lr or check the data")
