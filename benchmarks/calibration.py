@@ -13,9 +13,11 @@ n_train labelled Rotten Tomatoes reviews (fresh vs rotten), then every method of
 out-of-distribution texts (UK House of Commons speeches): MAP; temperature scaling (T fitted on
 ``n_val`` further labelled reviews); MC dropout; a LoRA ensemble (the MAP fit is member 0; M = 5,
 and 10 / 20 on request, sharing members); Laplace-LoRA (KFAC, low-rank KFAC, diagonal, last
-layer); SVI Bayesian LoRA started at the MAP adapter; BLoB and PoLAR-VBLL, which train their own
-adapters from a fresh model for the MAP's epochs (PoLAR-VBLL at the MAP's learning rate, BLoB at
-``BLOB_LR``, chosen on the validation reviews). One JSON row per
+layer; the prior centred where fine-tuning started, one precision for the A and one for the B
+matrices); SVI Bayesian LoRA started at the MAP adapter, its scales at a diagonal Laplace's, run
+until the ELBO plateaus; BLoB and PoLAR-VBLL, which train their own adapters from a fresh model
+for the MAP's epochs at the MAP's learning rate (BLoB with its authors' two optimisers). One JSON
+row per
 (setting, method), written to ``--out`` as soon as it is done; ``--resume`` keeps the rows
 already there (same sizes and options) and runs only the missing ones. The AUROC columns score
 in- vs out-of-distribution by predictive entropy and (methods with draws) mutual information.
@@ -179,6 +181,8 @@ def smollm2_logits_fn(answer_ids):
         h = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         w = lm.lm_head.weight[ids]  # (K, H); SmolLM2's head has no bias
         return label_token_logits(h @ w.T, batch["attention_mask"], list(range(len(ids))))
+
+    logits_fn.token_ids = ids.tolist()  # PoLAR-VBLL's answer readout reads them
 
     return logits_fn
 
@@ -344,12 +348,17 @@ def run_ensemble(s: Setting, args, m: int = 5) -> Output:
                     {"members": m, "member_seeds": [s.seed] + [1000 * s.seed + k for k in range(1, m)]})
 
 
+SVI_MAX_EPOCHS = 3  # times the MAP's epochs: a cap; the fit stops when the ELBO plateaus
+
+
 def run_svi(s: Setting, args) -> Output:
-    """SVI Bayesian LoRA started from the MAP adapter, as the demo runs it: B random with an
-    isotropic N(0, 0.1^2) prior, a mean-field Normal guide (init sd 1e-2), 4 epochs, location lr
-    1e-4 and scale lr 3e-2; predictive from ``--mc-samples`` draws."""
+    """SVI Bayesian LoRA started from the MAP adapter: B random with an isotropic N(0, 0.1^2)
+    prior, a mean-field Normal guide whose scales start at a diagonal Laplace's marginal sds over
+    the same sites (its fit time counts), location lr 1e-4 and scale lr 3e-2, run until the
+    epoch-mean negative ELBO stops falling (``early_stopping="auto"``, at most ``SVI_MAX_EPOCHS``
+    x the MAP's epochs); predictive from ``--mc-samples`` draws."""
     from pyro_llm import BayesianLoRA, GuidePosterior, predict_probs
-    from pyro_llm.infer import fit_svi, make_guide, scale_lr
+    from pyro_llm.infer import fit_laplace, fit_svi, make_guide, scale_lr
     from pyro_llm.likelihoods import categorical
     from pyro_llm.priors import IsotropicNormal
 
@@ -360,9 +369,12 @@ def run_svi(s: Setting, args) -> Output:
         categorical("label", s.logits_fn(lora, {"input_ids": input_ids, "attention_mask": attention_mask}),
                     labels, n, index)
 
-    guide = make_guide(model, "normal", init_values=lora, init_scale=1e-2)
     t0 = time.perf_counter()
-    fit_svi(model, guide, s.train_dl, epochs=4, lr=scale_lr(1e-4, 3e-2), progress=args.progress, seed=s.seed)
+    warm = fit_laplace(lora, s.fit_dl, structure="diag", logits_fn=s.logits_fn, progress=args.progress,
+                       seed=s.seed)
+    guide = make_guide(model, "normal", init_values=lora, init_scale=1e-2)
+    res = fit_svi(model, guide, s.train_dl, epochs=SVI_MAX_EPOCHS * s.size["epochs"], init_scale=warm,
+                  lr=scale_lr(1e-4, 3e-2), early_stopping="auto", progress=args.progress, seed=s.seed)
     fit_s = time.perf_counter() - t0
     draws = GuidePosterior(guide).sample(args.mc_samples)
 
@@ -371,28 +383,28 @@ def run_svi(s: Setting, args) -> Output:
 
     pred = lambda dl: predict_probs(probs, dl, draws, progress=args.progress, seed=s.seed)  # noqa: E731
     test, ood, predict_s = _both(s, pred)
-    return _sampled(test, ood, fit_s, predict_s, {"num_samples": args.mc_samples, "base_fit_s": s.map_fit_s,
-                                                  "svi": "select B, prior N(0, 0.1^2), 4 epochs"})
-
-
-BLOB_LR = 1e-3  # chosen on the validation reviews (n_train 200, seed 0) from 5e-4, 1e-3, 2e-3 by NLL
+    return _sampled(test, ood, fit_s, predict_s, {
+        "num_samples": args.mc_samples, "base_fit_s": s.map_fit_s, "svi_steps": res.steps,
+        "svi_stopped_early": res.stopped_early, "svi": "select B, prior N(0, 0.1^2), scales from a "
+        "diagonal Laplace, until the epoch-mean ELBO plateaus"})
 
 
 def run_blob(s: Setting, args) -> Output:
-    """BLoB trained from a fresh adapter for the MAP's epochs (not post-hoc), at lr ``BLOB_LR``:
-    the full ELBO's KL (about 37k A entries) dwarfs 200 examples' likelihood, and at the MAP's
-    5e-4 the fit ends 8 points below MAP on the validation reviews (0.662 vs 0.738 at 1e-3)."""
+    """BLoB trained from a fresh adapter for the MAP's epochs (not post-hoc), as its authors train
+    it: AdamW at the MAP's lr on the batch-mean NLL and SGD at ``kl_lr`` 0.002 on the reweighted
+    KL (``fit_blob``'s defaults, ``optimizer="two"``)."""
 
-    from pyro_llm.infer.blob import fit_blob
+    from pyro_llm.infer.blob import KL_LR, fit_blob
 
     net = s.fresh_model()
     t0 = time.perf_counter()
-    res = fit_blob(net, s.train_dl, epochs=s.size["epochs"], lr=BLOB_LR, logits_fn=s.logits_fn,
+    res = fit_blob(net, s.train_dl, epochs=s.size["epochs"], lr=args.lr, logits_fn=s.logits_fn,
                    progress=args.progress, seed=s.seed)
     fit_s = time.perf_counter() - t0
     test, ood, predict_s = _both(s, partial(res.predict, num_samples=args.mc_samples, logits_fn=s.logits_fn,
                                             progress=args.progress, seed=s.seed))
-    extra = {"num_samples": args.mc_samples, "kl_weights": "blob", "flipout": True, "lr": BLOB_LR}
+    extra = {"num_samples": args.mc_samples, "kl_weights": "blob", "flipout": True, "lr": args.lr,
+             "optimizer": res.optimizer, "kl_lr": KL_LR}
     del net, res
     gc.collect()
     return _sampled(test, ood, fit_s, predict_s, extra)
@@ -413,17 +425,28 @@ def _features_fn(model: str):
     return features
 
 
+POLAR_INNER_STEPS = 10  # head passes per epoch over the cached features (head steps are cheap)
+
+
 def run_polar_vbll(s: Setting, args) -> Output:
-    """PoLAR-VBLL from a fresh model: a PoLAR adapter on the same layers and rank, a VBLL head on
-    the backbone's features, trained by alternating optimisation for the MAP's epochs."""
-    from pyro_llm.infer.polar_vbll import fit_polar_vbll
+    """PoLAR-VBLL from a fresh model: a PoLAR adapter on the same layers and rank, a VBLL head,
+    trained by alternating optimisation for the MAP's epochs. MiniLM: the head on the pooled
+    features. SmolLM2: the head is a correction around the LM's own answer-token logits
+    (``answer_readout``; it starts as the LM), on standardised last-token features, with its prior
+    scale by type-II maximum likelihood and ``POLAR_INNER_STEPS`` head passes per epoch."""
+    from pyro_llm.infer.polar_vbll import answer_readout, fit_polar_vbll
     from pyro_llm.polar import PolarAdapter
 
     net = s.fresh_model()
     adapter = PolarAdapter(net, seed=s.seed)
+    if s.model == "smollm2":
+        fn = answer_readout(s.logits_fn.token_ids)
+        kw = dict(prior_scale="auto", standardize_features=True, inner_steps=POLAR_INNER_STEPS)
+    else:
+        fn, kw = _features_fn(s.model), {}
     t0 = time.perf_counter()
-    pv = fit_polar_vbll(adapter, s.train_dl, _features_fn(s.model), num_classes=2, epochs=s.size["epochs"],
-                        lr=args.lr, progress=args.progress, seed=s.seed)
+    pv = fit_polar_vbll(adapter, s.train_dl, fn, num_classes=2, epochs=s.size["epochs"],
+                        lr=args.lr, progress=args.progress, seed=s.seed, **kw)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     test = pv.predictive(s.test_dl, progress=args.progress)
@@ -434,6 +457,7 @@ def run_polar_vbll(s: Setting, args) -> Output:
              if s.ood_dl is not None else None)
     extra = {"predictive": "sampling-free VBLL head (probit-style); AUROC MI from head draws",
              "orthogonality": max(adapter.orthogonality_errors().values()),
+             "prior_sd": float(pv.head.prior_variance().detach().sqrt()), **kw,
              **_stable_ranks(s, "PoLAR (PoLAR-VBLL)", net)}
     return Output(test, test_s, fit_s, predict_s, extra, ood, ood_s)
 
@@ -452,7 +476,9 @@ def run_laplace(s: Setting, args, **fit_kwargs) -> Output:
     extra = {"prior_precision": delta[0] if len(set(delta)) == 1 else delta,
              "memory_bytes": int(la.memory_bytes), "num_parameters": int(la.num_parameters),
              "log_marglik": float(la.log_marginal_likelihood()), "base_fit_s": s.map_fit_s,
-             "laplace": {k: la.meta[k] for k in ("structure", "curvature", "n_kfac", "kfac_approx")},
+             "laplace": {k: la.meta[k] for k in ("structure", "curvature", "n_kfac", "kfac_approx",
+                                                  "prior_mean", "prior_groups")},
+             "curvature_above_prior": la.meta["curvature_above_prior"],
              "sites": len(la.site_names)}
     return Output(sp.mean(0), sp if sp.shape[0] > 1 else None, fit_s, predict_s, extra,
                   ood.mean(0) if ood is not None else None,
@@ -482,17 +508,24 @@ METHODS: dict[str, Callable[[Setting, argparse.Namespace], Output]] = {
     "temperature": run_temperature,
     "mc_dropout": run_mc_dropout,
     "ensemble_m5": partial(run_ensemble, m=5),
-    "laplace_kfac": partial(run_laplace, structure="kfac"),
-    "laplace_lowrank_kfac": partial(run_laplace, structure="lowrank_kfac", n_kfac=10),
-    "laplace_diag": partial(run_laplace, structure="diag"),
+    "laplace_kfac": partial(run_laplace, structure="kfac", prior_groups="AB"),
+    "laplace_lowrank_kfac": partial(run_laplace, structure="lowrank_kfac", n_kfac=10, prior_groups="AB"),
+    "laplace_diag": partial(run_laplace, structure="diag", prior_groups="AB"),
     "laplace_llla": run_llla,
     "svi": run_svi,
     "blob": run_blob,
     "polar_vbll": run_polar_vbll,
+    # the prior's variants, for the record: Laplace-LoRA's zero-centred prior with one precision;
+    # centred at the start with one precision; B only (A fixed at its fine-tuned value)
+    "laplace_kfac_zero": partial(run_laplace, structure="kfac", prior_mean="zero"),
+    "laplace_kfac_init1": partial(run_laplace, structure="kfac", prior_mean="init"),
+    "laplace_kfac_b": partial(run_laplace, structure="kfac", select="B"),
+    "laplace_kfac_reduce": partial(run_laplace, structure="kfac", prior_groups="AB", kfac_approx="reduce"),
+    "laplace_kfac_ggn": partial(run_laplace, structure="kfac", prior_groups="AB", curvature="ggn"),
     "ensemble_m10": partial(run_ensemble, m=10),
     "ensemble_m20": partial(run_ensemble, m=20),
 }
-DEFAULT_METHODS = [m for m in METHODS if m not in ("ensemble_m10", "ensemble_m20")]
+DEFAULT_METHODS = [m for m in METHODS if not m.startswith(("ensemble_m1", "ensemble_m2", "laplace_kfac_"))]
 POSTHOC = {"temperature", "mc_dropout", "svi"} | {m for m in METHODS if m.startswith("laplace")}
 NOT_BAYESIAN = {"map", "temperature"}  # not candidates for the "a Bayesian method halves ECE" goal
 
