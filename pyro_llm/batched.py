@@ -16,6 +16,8 @@ close to one pass:
   from the inputs alone (attention masks, rotary tables, the classifier's pooling) is computed
   as usual from the tiled inputs. A :class:`~pyro_llm.prefix_cache.PrefixCache` keeps those
   prefix activations across calls (SVI epochs, repeated predictions).
+* **Only the positions the head reads.** A BERT classifier reads position 0 of its last block:
+  that block runs there only (:mod:`pyro_llm.read_positions`).
 
 Both work on any peft LoRA model whose transformer blocks sit in one ``nn.ModuleList``
 (``encoder.layer``, ``model.layers``, ``transformer.h``, ...) and whose block takes the hidden
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import read_positions
 from .adapter_state import own_path
 
 __all__ = ["Plan", "plan_for", "find_blocks", "run", "fold_outputs"]
@@ -376,6 +379,7 @@ def run(model: torch.nn.Module, plan: Plan, weights: dict[str, torch.Tensor], sa
         return torch.func.functional_call(model, plain, args, kwargs)
     stack = contextlib.ExitStack()
     with stack:
+        stack.enter_context(read_positions.read_positions_only(model, plan, k, args, kwargs))
         if k > 0:
             if cache is not None:
                 hidden = cache.lookup(model, plan, k, plain, args, kwargs, n)
