@@ -30,6 +30,7 @@ __all__ = [
     "mutual_information",
     "reliability_bins",
     "summarize",
+    "monte_carlo_error",
     "decompose",
     "auroc",
     "selective_accuracy",
@@ -195,6 +196,30 @@ def summarize(
         out["auroc_mi"] = float(auroc(mutual_information(sample_probs),
                                       mutual_information(ood_sample_probs)))
     return out
+
+
+def monte_carlo_error(sample_probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15,
+                      num_resamples: int = 200, seed: int = 0) -> dict[str, float]:
+    """The Monte Carlo standard error of ``accuracy``, ``ece`` and ``nll`` of the predictive mean
+    of ``S`` draws ``(S, N, C)``: the standard deviation of each metric over ``num_resamples``
+    bootstrap resamples of the draws (the same ``S``, with replacement). It is the noise of the
+    metric due to drawing ``S`` samples, not the test set's sampling error: a difference between
+    two methods smaller than a few of these is not an effect of the method. Antithetic or
+    otherwise dependent draws make it conservative (resampling breaks their pairing).
+    """
+    if sample_probs.dim() != 3 or sample_probs.shape[0] < 2:
+        raise ValueError(f"sample_probs must be (S, N, C) with S >= 2, got {tuple(sample_probs.shape)}")
+    if num_resamples < 2:
+        raise ValueError(f"num_resamples must be >= 2, got {num_resamples}")
+    g = torch.Generator().manual_seed(seed)
+    S = sample_probs.shape[0]
+    vals = {"accuracy": [], "ece": [], "nll": []}
+    for _ in range(num_resamples):
+        p = sample_probs[torch.randint(0, S, (S,), generator=g)].mean(0)
+        vals["accuracy"].append(float(accuracy(p, y)))
+        vals["ece"].append(float(ece(p, y, n_bins)))
+        vals["nll"].append(float(nll(p, y)))
+    return {k: float(torch.tensor(v, dtype=torch.float64).std()) for k, v in vals.items()}
 
 
 def decompose(sample_probs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -344,3 +344,31 @@ def test_adapter_stable_ranks_match_peft_delta_weight():
         if name in deltas:
             ref = metrics.stable_rank(module.get_delta_weight("default").detach().double())
             assert adapter_stable_ranks(gpt)[name] == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_monte_carlo_error_matches_the_spread_over_independent_draw_sets():
+    from pyro_llm.metrics import accuracy, ece, monte_carlo_error, nll
+
+    g = torch.Generator().manual_seed(0)
+    N, S = 400, 20
+    margin = 0.6 * torch.randn(N, generator=g)
+    y = (margin + 0.8 * torch.randn(N, generator=g) > 0).long()
+
+    def draws():  # logit draws around each example's margin, sd 1.5
+        d = margin + 1.5 * torch.randn(S, N, generator=g)
+        return torch.stack([1 - d.sigmoid(), d.sigmoid()], -1)
+
+    truth = {"accuracy": [], "ece": [], "nll": []}
+    for _ in range(300):
+        p = draws().mean(0)
+        truth["accuracy"].append(float(accuracy(p, y)))
+        truth["ece"].append(float(ece(p, y)))
+        truth["nll"].append(float(nll(p, y)))
+    est = monte_carlo_error(draws(), y)
+    for k, v in truth.items():
+        sd = float(torch.tensor(v).std())
+        assert 0.6 * sd < est[k] < 1.6 * sd, (k, est[k], sd)
+    same = torch.stack([draws()[0]] * 5)  # identical draws: no Monte Carlo error at all
+    assert monte_carlo_error(same, y) == {"accuracy": 0.0, "ece": 0.0, "nll": 0.0}
+    with pytest.raises(ValueError, match="S >= 2"):
+        monte_carlo_error(same[:1], y)
