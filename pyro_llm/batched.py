@@ -117,7 +117,8 @@ def prefix_depth(plan: Plan, varying: list[str]) -> int:
     if plan.blocks is None or not varying:
         return 0
     k = min(plan.block_of[n] for n in varying)
-    return 0 if k == _BEFORE else int(min(k, len(plan.blocks)))
+    # above every block (a head only): share all but the last block, which then runs per draw
+    return 0 if k == _BEFORE else int(min(k, len(plan.blocks) - 1))
 
 
 # ---------------------------------------------------------------------------- batch helpers

@@ -385,3 +385,15 @@ def test_adapter_on_the_top_block_of_real_minilm_shares_its_prefix():
     with torch.no_grad(), poutine.condition(data=stack_draws(draws)):
         got = lora(**enc).logits
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_only_the_classifier_head_random_batches_above_every_block():
+    """Every block is below the random tensors: the prefix is all of them (it used to index past
+    the last block and raise IndexError)."""
+    net, fn = tiny_transformer("bert")
+    fake_finetune(net)
+    lora = pyro_llm.BayesianLoRA(net, prior=0.3, select=lambda n: "classifier" in n)
+    ids, mask = token_batch(4, 6)
+    draws = _draws(lora, 3)
+    got, want = _stacked_and_looped(lambda: fn(lora(input_ids=ids, attention_mask=mask), mask), draws)
+    torch.testing.assert_close(got, want, **TOL)
