@@ -44,7 +44,7 @@ def _logit_difference_sd(la, batch):
 
 def test_a_prior_centred_at_the_initialisation_is_tighter_than_the_zero_centred_one():
     pm, batch = _finetuned_llama()
-    kw = dict(structure="kfac", logits_fn=_logits, progress=False)
+    kw = dict(structure="kfac", logits_fn=_logits, progress=False, prior_groups="one")
     zero = fit_laplace(pm, _split(batch, 4), prior_mean="zero", **kw)
     init = fit_laplace(pm, _split(batch, 4), prior_mean="init", **kw)
     assert zero.meta["prior_mean"] == "zero" and init.meta["prior_mean"] == "init"
@@ -60,8 +60,9 @@ def test_a_prior_centred_at_the_initialisation_is_tighter_than_the_zero_centred_
 def test_the_evidence_with_a_and_b_groups_is_at_least_the_one_group_evidence():
     pm, batch = _finetuned_llama(seed=3)
     kw = dict(structure="diag", logits_fn=_logits, progress=False, prior_mean="init")
-    one = fit_laplace(pm, _split(batch, 4), **kw)
-    ab = fit_laplace(pm, _split(batch, 4), prior_groups="AB", **kw)
+    one = fit_laplace(pm, _split(batch, 4), prior_groups="one", **kw)
+    ab = fit_laplace(pm, _split(batch, 4), **kw)  # the default
+    assert ab.meta["prior_groups"] == "AB"
     groups = prior_groups(ab.site_names, "AB")
     assert groups.tolist() == [0 if "lora_A" in n else 1 for n in ab.site_names]
     d = ab.prior_precision

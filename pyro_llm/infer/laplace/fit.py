@@ -227,7 +227,7 @@ def fit_laplace(
     prior_precision: float = 1.0,
     optimize_prior: str | None = "marglik",
     per_site: bool = False,
-    prior_groups: str = "one",
+    prior_groups: str = "AB",
     prior_mean="auto",
     logits_fn: Callable | None = None,
     labels_fn: Callable | None = None,
@@ -257,9 +257,10 @@ def fit_laplace(
         averages over positions) or ``"reduce"`` (positions averaged, gradients summed first).
     prior_precision, optimize_prior, prior_groups, per_site:
         The Gaussian prior's precision; ``optimize_prior="marglik"`` maximises the Laplace marginal
-        likelihood over it: one value (``prior_groups="one"``), one for the ``A`` sites and one for
-        the ``B`` sites (``"AB"``), or one per site (``"site"``, also ``per_site=True``); ``None``
-        keeps it.
+        likelihood over it: one value for the ``A`` sites and one for the ``B`` sites (and one for
+        any other, such as a head: ``prior_groups="AB"``, the default; peft starts ``B`` at zero
+        and ``A`` at random, so their scales differ), one value (``"one"``, Laplace-LoRA's
+        recipe), or one per site (``"site"``, also ``per_site=True``); ``None`` keeps it.
     prior_mean:
         The prior's centre: ``"init"``, the tensors as they were before fine-tuning (recorded by
         :func:`~pyro_llm.adapter_state.record_init`, which the model builders of
