@@ -115,6 +115,22 @@ def calibration_v1() -> str:
     return "\n".join(rows + smol[2:])
 
 
+def laplace_agreement() -> str:
+    """Our Laplace-LoRA against laplace-torch on one SmolLM2 adapter (``laplace_agreement.py``)."""
+    r = load("laplace_agreement")
+    (ll_ours, ll_ref), (lm_ours, lm_ref) = r["log_likelihood"], r["log_marglik"]
+    sec = r["seconds"]
+    return "\n".join([
+        "| quantity | ours | laplace-torch | difference |", "| --- | ---: | ---: | ---: |",
+        f"| {r['blocks']} Kronecker blocks | | | {r['kron_block_rel_error_max']:.1e} (worst, relative) |",
+        f"| training log-likelihood | {ll_ours:.4f} | {ll_ref:.4f} | {abs(ll_ours - ll_ref):.1e} |",
+        f"| log marginal likelihood, δ = {r['prior_precision']:.1f} | {lm_ours:.4f} | {lm_ref:.4f} "
+        f"| {r['log_marglik_rel_diff']:.1e} (relative) |",
+        f"| probit predictive, {r['n_test']} held-out | | | {r['probit_max_abs_diff']:.1e} (worst) |",
+        f"| fit seconds (MAP {sec['map']:.0f} s) | {sec['ours']:.0f} | {sec['laplace_torch']:.0f} "
+        f"| {sec['ours'] / sec['laplace_torch']:.2f} × |"])
+
+
 # ---------------------------------------------------------------------------- cost
 SVI_LABELS = {
     "svi_step_over_map_step": "SVI step / peft MAP training step (train mode, as users train)",
@@ -279,6 +295,7 @@ TABLES = {
     "calibration-blob": lambda: _method_table(["map", "blob"]),
     "calibration-polar-vbll": lambda: _method_table(["map", "polar_vbll"]),
     "calibration-baselines": lambda: _method_table(["map", "temperature", "mc_dropout"]),
+    "laplace-agreement": laplace_agreement,
     "cost-svi": cost_svi,
     "cost-laplace": cost_laplace,
     "cost-laplace-after": cost_laplace_after,

@@ -17,7 +17,7 @@ The method, as in the paper and the authors' code (Wang-ML-Lab/bayesian-peft,
 * **Test time**: 10 posterior samples (``bayes_eval_n_samples_final``).
 
 Training (``optimizer=``)
-------------------------
+-------------------------
 ``"two"`` (default), the authors' recipe: each step draws ``A`` once (flipout) and
 
 1. steps AdamW at ``lr`` over ``M``, ``B`` and the head on the batch-*mean* NLL;
