@@ -141,14 +141,19 @@ class KronBlock:
             x = x + (e2 - self.QG @ self._t(e2) @ self.QA.T) / d.sqrt()
         return [x]
 
-    def variance(self, J: list[torch.Tensor], delta) -> torch.Tensor:
+    def variance(self, J: list[torch.Tensor], delta, split: bool = False):
         d = _as_delta(delta, 1)[0]
         J0 = J[0].to(DTYPE)
         t = self._t(J0)
-        out = torch.einsum("bcij,bdij->bcd", t / (self.E + d), t)
+        w = 1 / (self.E + d)
+        out = torch.einsum("bcij,bdij->bcd", t * w, t)
+        rest = 0.0
         if self.lowrank:
-            out = out + (torch.einsum("bcij,bdij->bcd", J0, J0) - torch.einsum("bcij,bdij->bcd", t, t)) / d
-        return out
+            rest = (torch.einsum("bcij,bdij->bcd", J0, J0) - torch.einsum("bcij,bdij->bcd", t, t)) / d
+            out = out + rest
+        if not split:
+            return out
+        return out, torch.einsum("bcij,bdij->bcd", t * w * (self.E < d), t) + rest
 
     def mahalanobis(self, x: list[torch.Tensor], delta) -> torch.Tensor:
         d = _as_delta(delta, 1)[0]
@@ -186,9 +191,12 @@ class DiagBlock:
         e = torch.randn((n, *self.shape), dtype=DTYPE, generator=generator)
         return [e / (self.diag + _as_delta(delta, 1)[0]).sqrt()]
 
-    def variance(self, J: list[torch.Tensor], delta) -> torch.Tensor:
+    def variance(self, J: list[torch.Tensor], delta, split: bool = False):
         J0 = J[0].to(DTYPE).flatten(2)
-        return torch.einsum("bcp,bdp->bcd", J0 / (self.diag.reshape(-1) + _as_delta(delta, 1)[0]), J0)
+        d, h = _as_delta(delta, 1)[0], self.diag.reshape(-1)
+        Jw = J0 / (h + d)
+        out = torch.einsum("bcp,bdp->bcd", Jw, J0)
+        return (out, torch.einsum("bcp,bdp->bcd", Jw * (h < d), J0)) if split else out
 
     def mahalanobis(self, x: list[torch.Tensor], delta) -> torch.Tensor:
         x0 = x[0].to(DTYPE).flatten(x[0].dim() - len(self.shape))
@@ -261,16 +269,27 @@ class FullBlock:
         x = torch.linalg.solve_triangular(self._L(delta).T, e, upper=True)  # L^-T e
         return self._split(x.T)
 
-    def variance(self, J: list[torch.Tensor], delta) -> torch.Tensor:
+    def variance(self, J: list[torch.Tensor], delta, split: bool = False):
         Jf = torch.cat([j.to(DTYPE).flatten(2) for j in J], -1)  # (B, C, P)
         d0 = self._uniform(delta)
         if d0 is not None:
             lam, Q = self._eigh
             JQ = Jf @ Q
-            return torch.einsum("bcp,bdp->bcd", JQ / (lam + d0), JQ)
+            out = torch.einsum("bcp,bdp->bcd", JQ / (lam + d0), JQ)
+            return (out, torch.einsum("bcp,bdp->bcd", JQ * ((lam < d0) / (lam + d0)), JQ)) if split else out
         B, C, P = Jf.shape
         sol = torch.cholesky_solve(Jf.reshape(-1, P).T, self._L(delta)).T.reshape(B, C, P)
-        return torch.einsum("bcp,bdp->bcd", sol, Jf)
+        out = torch.einsum("bcp,bdp->bcd", sol, Jf)
+        if not split:
+            return out
+        # per-site precisions D: H + D = D^1/2 (M + I) D^1/2 with M = D^-1/2 H D^-1/2 = U mu U^T;
+        # the prior rules the directions with mu < 1 (curvature below the prior's precision)
+        dv = torch.cat([di.expand(n) for di, n in zip(_as_delta(delta, len(self.sites)), self.sizes,
+                                                        strict=True)]).detach()
+        r = dv.rsqrt()
+        mu, U = torch.linalg.eigh(r[:, None] * self.H * r[None, :])
+        JU = (Jf * r) @ U
+        return out, torch.einsum("bcp,bdp->bcd", JU * ((mu < 1) / (mu + 1)), JU)
 
     def mahalanobis(self, x: list[torch.Tensor], delta) -> torch.Tensor:
         flat = [xi.to(DTYPE).flatten(xi.dim() - len(s)) for xi, s in zip(x, self.shapes, strict=True)]

@@ -173,10 +173,17 @@ class LaplacePosterior(Posterior):
     def mean(self) -> Draw:
         return {n: v.clone() for n, v in self.map.items()}
 
-    def functional_variance(self, jacobians: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``J Sigma J^T`` (B, C, C) from per-site Jacobians ``(B, C, *shape)`` of the logits."""
-        return sum(b.variance([jacobians[self.site_names[i]] for i in b.sites], self._delta[b.sites])
-                   for b in self.blocks)
+    def functional_variance(self, jacobians: dict[str, torch.Tensor], split: bool = False):
+        """``J Sigma J^T`` (B, C, C) from per-site Jacobians ``(B, C, *shape)`` of the logits.
+
+        With ``split``, also the part of it from the prior-ruled directions: those where the
+        data's curvature is below the prior precision (in each block's eigenbasis relative to its
+        prior), so the posterior variance there is more than half the prior's."""
+        parts = [b.variance([jacobians[self.site_names[i]] for i in b.sites], self._delta[b.sites],
+                            split=split) for b in self.blocks]
+        if not split:
+            return sum(parts)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def guide(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """A Pyro guide drawing every site (arguments are ignored): use with ``Predictive``."""

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -215,14 +216,16 @@ def _at_map(la):
 
 
 def glm_logit_moments(la, tap, logits: torch.Tensor, names: Sequence[str],
-                      contrasts: torch.Tensor | None = None, retain_graph: bool = False) -> torch.Tensor:
+                      contrasts: torch.Tensor | None = None, retain_graph: bool = False,
+                      split: bool = False):
     """``K J Sigma J^T K^T`` (B, K, K) for logits computed under ``tap``: one backward pass per row of K.
 
     ``contrasts`` ``K`` (K x C) defaults to the identity (the C x C covariance of the logits, C
     passes); ``logit_contrasts(C, "mc")`` gives the covariance of the differences ``f_c - f_0``
     (C - 1 passes). Backpropagating ``k`` (broadcast over the batch) gives each example's gradient
     of ``k . f``, i.e. the row ``k J`` of its Jacobian, at every tapped layer. The autograd graph is
-    freed after the last pass unless ``retain_graph``.
+    freed after the last pass unless ``retain_graph``. With ``split``, also the prior-ruled part
+    (:meth:`~.posterior.LaplacePosterior.functional_variance`).
     """
     B, C = logits.shape
     K = torch.eye(C) if contrasts is None else torch.as_tensor(contrasts)
@@ -234,11 +237,26 @@ def glm_logit_moments(la, tap, logits: torch.Tensor, names: Sequence[str],
         g = tap.output_grads(logits, K[k].expand(B, C), retain_graph=retain_graph or k < K.shape[0] - 1)
         rows.append([tap.per_example(n, g) for n in names])
     J = {site: torch.stack([r[i] for r in rows], 1).cpu() for i, site in enumerate(la.site_names)}
-    return la.functional_variance(J)
+    return la.functional_variance(J, split=split)
+
+
+PRIOR_SHARE_WARN = 0.9  # the GLM predictive warns when this share of its variance is prior-ruled
+SPREAD_WARN = 3.0  # ... and its median spread (sd over |margin|) exceeds this multiple of the MAP margin
+
+
+def _shift_free(var: torch.Tensor, f: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, the summed variance of the logits' shift-free part and that part's squared
+    norm at the MAP: differences ``K f`` as they are; for ``K = I`` the centred logits (``P var P``
+    with ``P = I - 11^T / C``): a common shift of the logits is no signal."""
+    if K.shape[0] == K.shape[1]:
+        C = K.shape[1]
+        fc = f - f.mean(-1, keepdim=True)
+        return var.diagonal(dim1=-2, dim2=-1).sum(-1) - var.sum((-2, -1)) / C, fc.square().sum(-1)
+    return var.diagonal(dim1=-2, dim2=-1).sum(-1), (f @ K.T).square().sum(-1)
 
 
 def _glm(la, data, link, num_samples, logits_fn, progress, gen) -> torch.Tensor:
-    chunks = []
+    chunks, total_var, prior_var, ratios = [], 0.0, 0.0, []
     total = len(data) if hasattr(data, "__len__") else None
     with _at_map(la) as (peft, names), tapped(peft, names) as tap:
         for batch in tqdm(data, total=total, disable=not progress, desc=f"glm {link}", leave=False):
@@ -247,8 +265,12 @@ def _glm(la, data, link, num_samples, logits_fn, progress, gen) -> torch.Tensor:
             check_logits(logits, None)
             tap.check_ran()
             K = logit_contrasts(logits.shape[-1], link)
-            var = glm_logit_moments(la, tap, logits, names, K)
+            var, from_prior = glm_logit_moments(la, tap, logits, names, K, split=True)
             f = logits.detach().double().cpu()
+            v, margin = _shift_free(var, f, K)
+            total_var += float(v.sum())
+            prior_var += float(_shift_free(from_prior, f, K)[0].sum())
+            ratios.append((v.clamp_min(0) / margin.clamp_min(1e-300)).sqrt())
             del logits  # the graph was freed by the last backward pass; drop the rest before the next forward
             if link == "mc":
                 chunks.append(mc_softmax_differences(f @ K.T, var, num_samples, gen))
@@ -257,7 +279,25 @@ def _glm(la, data, link, num_samples, logits_fn, progress, gen) -> torch.Tensor:
         tap.clear()
     if not chunks:
         raise ValueError("the data yielded no batch: nothing to predict")
+    _diagnose(la, prior_var / total_var if total_var > 0 else float("nan"), float(torch.cat(ratios).median()))
     return torch.cat(chunks, 1).float()
+
+
+def _diagnose(la, share: float, spread: float) -> None:
+    """Keep the prior-ruled share of the predictive variance and the median ratio of its spread
+    to the MAP logits' margin in ``la.meta``; warn when the prior rules a spread that swamps the
+    margin: then the predictive is set by the prior, not by the data."""
+    la.meta["prior_variance_share"], la.meta["spread_over_margin"] = share, spread
+    if share > PRIOR_SHARE_WARN and spread > SPREAD_WARN:
+        delta = la.prior_precision.unique().tolist()
+        warnings.warn(
+            f"{share:.0%} of the Laplace predictive's variance (of the logit differences) comes from "
+            f"directions where the data's curvature is below the prior precision {delta}, and its "
+            f"median spread is {spread:.1f} x the MAP margin: the predictions are set by the prior, "
+            "not by the data. Check the calibration on held-out data; a prior centred where "
+            "fine-tuning started (prior_mean='init'), separate precisions (prior_groups='AB'), more "
+            "training data or a validation grid (gridsearch_prior_precision) may help.",
+            UserWarning, stacklevel=4)
 
 
 def laplace_predict(la, data, *, pred_type: str = "glm", link: str = "mc", num_samples: int = 100,
@@ -305,11 +345,15 @@ def gridsearch_prior_precision(la, val_data, *, grid=None, pred_type: str = "glm
     best, best_nll = None, math.inf
     for delta in grid:
         la.prior_precision = float(delta)
-        p = laplace_predict(la, val_data, pred_type=pred_type, link=link, num_samples=num_samples,
-                            logits_fn=logits_fn, progress=progress).mean(0)
+        with warnings.catch_warnings():  # small precisions on the grid are prior-ruled by design
+            warnings.filterwarnings("ignore", message=r".* of the Laplace predictive's variance")
+            p = laplace_predict(la, val_data, pred_type=pred_type, link=link, num_samples=num_samples,
+                                logits_fn=logits_fn, progress=progress).mean(0)
         nll = float(-p.clamp_min(1e-12).log().gather(1, y[:, None]).mean())
         if nll < best_nll:
             best, best_nll = float(delta), nll
     la.prior_precision = best
     la.meta["gridsearch_nll"] = best_nll
+    for key in ("prior_variance_share", "spread_over_margin"):  # they were the last grid value's
+        la.meta.pop(key, None)
     return la.prior_precision
