@@ -2,9 +2,10 @@
 
 The folder's files say what it holds: ``posterior.json`` (a Gaussian from SVI or BLoB, a point
 from MAP, PoLAR or MC dropout, temperature scaling over another posterior), ``laplace.json``
-(:func:`~pyro_llm.fit_laplace`), ``ensemble.json`` (:func:`~pyro_llm.fit_ensemble`) or
-``polar_vbll.json`` (:func:`~pyro_llm.fit_polar_vbll`). Every file goes through the validated
-reader of :mod:`pyro_llm._io`.
+(:func:`~pyro_llm.fit_laplace`), ``ensemble.json`` (:func:`~pyro_llm.fit_ensemble`),
+``polar_vbll.json`` (:func:`~pyro_llm.fit_polar_vbll`) or ``answer_rows.json``
+(:func:`~pyro_llm.infer.laplace.fit_answer_laplace`; pass ``model=`` and ``features_fn=``).
+Every file goes through the validated reader of :mod:`pyro_llm._io`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def load(path, model: torch.nn.Module | None = None, *, readout: Readout | None 
         from .infer.laplace import load_laplace
 
         return load_laplace(path, lora=_lora(model, path)).attach(readout=readout)
+    if (path / "answer_rows.json").exists():
+        from .infer.laplace import load_answer_laplace
+
+        return load_answer_laplace(path, model, features_fn)
     if (path / "ensemble.json").exists():
         from .infer.ensemble import load_ensemble
 
@@ -80,8 +85,8 @@ def load(path, model: torch.nn.Module | None = None, *, readout: Readout | None 
             raise ValueError(f"{path} holds a PoLAR-VBLL posterior: pass model= (the PolarAdapter) and "
                              "features_fn= (the function it was fitted with)")
         return load_polar_vbll(path, model, features_fn)
-    raise FileNotFoundError(f"{path} holds no saved posterior (posterior.json, laplace.json, ensemble.json "
-                            "or polar_vbll.json)")
+    raise FileNotFoundError(f"{path} holds no saved posterior (posterior.json, laplace.json, ensemble.json, "
+                            "polar_vbll.json or answer_rows.json)")
 
 
 def _lora(model, path):

@@ -3,8 +3,10 @@
 :func:`fit_laplace` turns a MAP-fine-tuned peft model into a :class:`LaplacePosterior` over the
 same named sites as :class:`~pyro_llm.BayesianLoRA`; its ``predict`` gives the linearised
 (GLM) predictive with MC, probit or Laplace-bridge links, or samples the weights.
+:func:`fit_answer_laplace` is the last-layer Laplace over a causal LM's answer-token rows.
 """
 
+from .answer_rows import AnswerRowsLaplace, fit_answer_laplace, load_answer_laplace
 from .blocks import DiagBlock, Factor, FullBlock, KronBlock
 from .capture import CURVATURES
 from .fit import STRUCTURES, estimate_memory, fit_laplace, last_layer_names
@@ -22,8 +24,9 @@ from .predictive import (
 )
 
 __all__ = [
-    "CURVATURES", "DiagBlock", "Factor", "FullBlock", "KronBlock", "LINKS", "LaplacePosterior",
-    "STRUCTURES", "estimate_memory", "fit_laplace", "glm_logit_moments", "gridsearch_prior_precision",
-    "laplace_bridge", "laplace_predict", "last_layer_names", "load_laplace", "logit_contrasts",
-    "mc_softmax", "mc_softmax_differences", "probit",
+    "AnswerRowsLaplace", "CURVATURES", "DiagBlock", "Factor", "FullBlock", "KronBlock", "LINKS",
+    "LaplacePosterior", "STRUCTURES", "estimate_memory", "fit_answer_laplace", "fit_laplace",
+    "glm_logit_moments", "gridsearch_prior_precision", "laplace_bridge", "laplace_predict",
+    "last_layer_names", "load_answer_laplace", "load_laplace", "logit_contrasts", "mc_softmax",
+    "mc_softmax_differences", "probit",
 ]
