@@ -276,8 +276,8 @@ class VBLLClassification(_VBLLHead):
     -------
     >>> head = VBLLClassification(8, 3, num_data=100)
     >>> loss = head.loss(torch.randn(16, 8), torch.randint(0, 3, (16,)))
-    >>> head.predict_probs(torch.randn(4, 8)).sum(-1)
-    tensor([1.0000, 1.0000, 1.0000, 1.0000], grad_fn=<SumBackward1>)
+    >>> torch.allclose(head.predict_probs(torch.randn(4, 8)).sum(-1), torch.ones(4))
+    True
     """
 
     task = "classification"
