@@ -84,6 +84,17 @@ def test_the_evidence_is_maximised_and_matches_the_laplace_formula_in_one_dimens
     assert best == pytest.approx(exact, abs=0.02)
 
 
+def test_without_signal_in_the_features_the_evidence_asks_for_no_correction():
+    phi, offset, y = _problem(N=200, D=1, C=2, seed=0, W=[[0.0], [0.0]])
+    la = fit_answer_laplace(None, [(phi, offset, y)], lambda m, b: (b[0], b[1]), labels_fn=lambda b: b[2],
+                            progress=False)
+    assert la.meta["evidence_at_edge"] == "upper" and la.meta["logit_prior_sd"] < 2e-3
+    assert float(la.map.abs().max()) < 1e-4  # the model's own answer
+    strong = fit_answer_laplace(None, [_problem(N=200, D=1, C=2, seed=0, W=[[-1.0], [1.0]])],
+                                lambda m, b: (b[0], b[1]), labels_fn=lambda b: b[2], progress=False)
+    assert strong.meta["evidence_at_edge"] is None and strong.meta["logit_prior_sd"] > 0.3
+
+
 def test_the_logit_moments_are_those_of_the_draws():
     phi, offset, y = _problem(N=40, D=4, C=3, seed=2)
     la = fit_answer_laplace(None, [(phi, offset, y)], lambda m, b: (b[0], b[1]), labels_fn=lambda b: b[2],

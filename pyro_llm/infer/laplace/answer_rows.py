@@ -228,7 +228,9 @@ def fit_answer_laplace(model, data: Iterable, features_fn: Callable, *, labels_f
     features_fn: ``(model, batch) -> (phi, offset)``, e.g. ``answer_readout(prompt.token_ids)``;
         a plain ``phi`` means no offset (Bayesian logistic regression on the features).
     prior_precision: ``"marglik"`` (the Laplace evidence, maximised over ``log delta`` on a grid
-        from 1e-4 to 1e6 and refined; the MAP is refitted at each value) or a number.
+        from 1e-4 m to 1e6 m, m the features' mean squared norm, and refined; the MAP is refitted
+        at each value; ``meta["evidence_at_edge"]`` says when the best value is an end of the
+        grid: at the upper end the data ask for no correction) or a number.
 
     Example
     -------
@@ -252,17 +254,23 @@ def fit_answer_laplace(model, data: Iterable, features_fn: Callable, *, labels_f
             fits[log_delta] = (-_evidence(ll, W, H, d), d, W, H, ll)
             return fits[log_delta][0]
 
-        grid = np.linspace(math.log(1e-4), math.log(1e6), 21)
+        # in units of the features' mean squared norm m: the prior sd of a logit is about
+        # sqrt(m / delta), from 100 (delta = 1e-4 m) to 1e-3 (delta = 1e6 m)
+        m = float(phi.square().sum(1).mean())
+        grid = np.linspace(math.log(1e-4 * m), math.log(1e6 * m), 21)
         i = int(np.argmin([neg_evidence(float(g)) for g in grid]))
         lo, hi = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, len(grid) - 1)])
         from scipy.optimize import minimize_scalar
 
         minimize_scalar(neg_evidence, bounds=(lo, hi), method="bounded", options={"xatol": 1e-3})
         _, delta, W, H, ll = min(fits.values(), key=lambda v: v[0])  # the best value evaluated
+        edge = "lower" if i == 0 else "upper" if i == len(grid) - 1 else None
     else:
-        delta = float(prior_precision)
+        delta, edge = float(prior_precision), None
         W, H, ll = _newton(phi, offset, y, C, delta, zero)
-    meta = dict(features=phi.shape[1], classes=C, offset=bool(offset.abs().sum() > 0),
+    # the evidence at the upper edge: the data ask for no correction (the model's own answer)
+    meta = dict(features=phi.shape[1], classes=C, offset=bool(offset.abs().sum() > 0), evidence_at_edge=edge,
+                logit_prior_sd=math.sqrt(float(phi.square().sum(1).mean()) / delta),
                 train_accuracy=float(((offset + phi @ W.T).argmax(-1) == y).double().mean()),
                 lm_train_accuracy=float((offset.argmax(-1) == y).double().mean()))
     return AnswerRowsLaplace(W, H, delta, ll, len(phi), meta, model=model, features_fn=features_fn)
