@@ -500,8 +500,15 @@ def run_laplace(s: Setting, args, **fit_kwargs) -> Output:
     la = fit_laplace(s.peft_model, s.fit_dl, logits_fn=s.logits_fn, progress=args.progress,
                      seed=s.seed, **fit_kwargs)
     fit_s = time.perf_counter() - t0
-    pred = lambda dl: la.predict(dl, pred_type="glm", link=args.link, num_samples=args.samples,  # noqa: E731
-                                 logits_fn=s.logits_fn, progress=args.progress, seed=s.seed)
+    diagnosis = {}
+
+    def pred(dl):
+        out = la.predict(dl, pred_type="glm", link=args.link, num_samples=args.samples,
+                         logits_fn=s.logits_fn, progress=args.progress, seed=s.seed)
+        diagnosis.setdefault("test" if dl is s.test_dl else "ood", {
+            k: la.meta.get(k) for k in ("prior_variance_share", "spread_over_margin")})
+        return out
+
     sp, ood, predict_s = _both(s, pred)
     delta = la.prior_precision.tolist()
     extra = {"prior_precision": delta[0] if len(set(delta)) == 1 else delta,
@@ -509,7 +516,7 @@ def run_laplace(s: Setting, args, **fit_kwargs) -> Output:
              "log_marglik": float(la.log_marginal_likelihood()), "base_fit_s": s.map_fit_s,
              "laplace": {k: la.meta[k] for k in ("structure", "curvature", "n_kfac", "kfac_approx",
                                                   "prior_mean", "prior_groups")},
-             "curvature_above_prior": la.meta["curvature_above_prior"],
+             "curvature_above_prior": la.meta["curvature_above_prior"], "predictive_diagnosis": diagnosis,
              "sites": len(la.site_names)}
     return Output(sp.mean(0), sp if sp.shape[0] > 1 else None, fit_s, predict_s, extra,
                   ood.mean(0) if ood is not None else None,
@@ -531,6 +538,30 @@ def run_llla(s: Setting, args) -> Output:
     return run_laplace(s, args, structure="full" if dense else "kfac", select="last_layer")
 
 
+def run_answer_laplace(s: Setting, args) -> Output:
+    """Last-layer Laplace over a correction of the answer logits (``fit_answer_laplace``): the
+    fine-tuned model's own logits plus a Gaussian ``Delta phi``, MAP by Newton, prior precision by
+    the marginal likelihood, MC predictive over the logit difference. SmolLM2: the LM head's
+    answer rows on the final hidden state at the answer slot (``answer_readout``). MiniLM: the
+    classifier's logits plus a correction on the mean-pooled last hidden state."""
+    from pyro_llm.infer.laplace import fit_answer_laplace
+    from pyro_llm.infer.polar_vbll import answer_readout
+
+    if s.model == "smollm2":
+        fn = answer_readout(s.logits_fn.token_ids)
+    else:
+        pooled = _features_fn(s.model)
+        fn = lambda model, batch: (pooled(model, batch), s.logits_fn(model, batch))  # noqa: E731
+    t0 = time.perf_counter()
+    la = fit_answer_laplace(s.peft_model, s.fit_dl, fn, progress=args.progress)
+    fit_s = time.perf_counter() - t0
+    sp, ood, predict_s = _both(s, lambda dl: la.predict(dl, num_samples=args.samples, progress=args.progress,
+                                                        seed=s.seed))
+    extra = {"prior_precision": la.prior_precision, "log_marglik": la.log_marginal_likelihood(),
+             "num_parameters": int(la.map.numel()), "base_fit_s": s.map_fit_s, **la.meta}
+    return _sampled(sp, ood, fit_s, predict_s, extra)
+
+
 # name -> fn(setting, args) -> Output. Every method starts from the setting's MAP fit (post-hoc:
 # temperature scaling, MC dropout, SVI, Laplace; the ensemble's member 0) except BLoB and
 # PoLAR-VBLL, which train their own adapters from a fresh model with the MAP's epochs and lr.
@@ -546,6 +577,7 @@ METHODS: dict[str, Callable[[Setting, argparse.Namespace], Output]] = {
     "svi": run_svi,
     "blob": run_blob,
     "polar_vbll": run_polar_vbll,
+    "answer_laplace": run_answer_laplace,
     # the prior's variants, for the record: Laplace-LoRA's zero-centred prior with one precision;
     # centred at the start with one precision; B only (A fixed at its fine-tuned value)
     "laplace_kfac_zero": partial(run_laplace, structure="kfac", prior_mean="zero"),
@@ -752,8 +784,22 @@ def aggregate(rows: list[dict]) -> dict:
     for r in sorted(rows, key=lambda r: (r["model"], r["n_train"], r["n_test"],
                                          order.get(r["method"], len(order)))):
         groups.setdefault((r["model"], r["n_train"], r["n_test"], r["method"]), []).append(r)
-    return {k: {"seeds": len(v), **{m: _ms([r.get(m) for r in v]) for m in METRICS}}
+    return {k: {"seeds": len(v), **{m: _ms([r.get(m) for r in v]) for m in METRICS},
+                "nll_minus_map": _paired([r.get("nll_minus_map") for r in v],
+                                         [r.get("nll_minus_map_se") for r in v]),
+                "mc_ece": _ms([(r.get("mc_error") or {}).get("ece") for r in v])[0],
+                "mc_nll": _ms([(r.get("mc_error") or {}).get("nll") for r in v])[0]}
             for k, v in groups.items()}
+
+
+def _paired(diffs, ses) -> tuple[float, float]:
+    """The mean over seeds of a paired difference and its standard error (the seeds' test-set
+    errors combined: sqrt(sum se^2) / k); NaN where a row lacks them."""
+    pairs = [(d, e) for d, e in zip(diffs, ses, strict=True) if d is not None and e is not None]
+    if not pairs or len(pairs) < len(diffs):
+        return math.nan, math.nan
+    k = len(pairs)
+    return sum(d for d, _ in pairs) / k, math.sqrt(sum(e * e for _, e in pairs)) / k
 
 
 def verdicts(agg: dict) -> dict:
@@ -802,13 +848,17 @@ def table(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict]) -> str:
     agg = aggregate(rows)
-    lines = ["| model | n_train | n_test | method | seeds | accuracy | ECE | NLL | Brier | AUROC H "
-             "| AUROC MI | fit s | predict s | peak MB |", "| --- | ---: | ---: | --- |" + " ---: |" * 10]
+    lines = ["| model | n_train | n_test | method | seeds | accuracy | ECE | NLL | Brier | NLL − MAP (se) "
+             "| MC se ECE / NLL | AUROC H | AUROC MI | fit s | predict s | peak MB |",
+             "| --- | ---: | ---: | --- |" + " ---: |" * 12]
     au = lambda x: "–" if math.isnan(x) else f"{x:.3f}"  # noqa: E731
     for (model, n, nt, method), a in agg.items():
         cells = " | ".join(_pm(a[m], " ± ") for m in ("accuracy", "ece", "nll", "brier"))
-        lines.append(f"| {model} | {n} | {nt} | {method} | {a['seeds']} | {cells} | {au(a['auroc_ood'][0])} "
-                     f"| {au(a['auroc_ood_mi'][0])} | {a['fit_s'][0]:.1f} "
+        d, se = a["nll_minus_map"]
+        gap = "–" if math.isnan(d) else f"{d:+.3f} ({se:.3f})"
+        mc = "–" if math.isnan(a["mc_ece"]) else f"{a['mc_ece']:.3f} / {a['mc_nll']:.3f}"
+        lines.append(f"| {model} | {n} | {nt} | {method} | {a['seeds']} | {cells} | {gap} | {mc} "
+                     f"| {au(a['auroc_ood'][0])} | {au(a['auroc_ood_mi'][0])} | {a['fit_s'][0]:.1f} "
                      f"| {a['predict_s'][0]:.1f} | {a['peak_mb'][0]:.0f} |")
     return "\n".join(lines)
 

@@ -6,9 +6,12 @@
 
 One JSON per benchmark in ``benchmarks/results/`` (figures in ``results/figures/``):
 
-* ``calibration.json`` - ``benchmarks/calibration.py`` rows; ``run`` is ``"v2"`` (the current
-  table: every method, OOD), ``"v1_laplace"`` (the earlier Laplace-only run, n = 1,000 and
-  SmolLM2 included) or ``"v2_superseded"`` (PoLAR-VBLL before its feature normalisation);
+* ``calibration.json`` - ``benchmarks/calibration.py`` rows; ``run`` is ``"v3"`` (the current
+  table: seed 0 on both models after the Laplace prior, BLoB, SVI and causal-LM PoLAR-VBLL
+  changes; a row with ``carried_from`` is an unchanged method's row of that earlier run),
+  ``"v2"`` (every method, OOD, 3 seeds on MiniLM, before those changes), ``"v1_laplace"`` (the
+  earlier Laplace-only run, n = 1,000 and SmolLM2 included) or ``"v2_superseded"`` (PoLAR-VBLL
+  before its feature normalisation);
 * ``cost.json`` - ``benchmarks/cost.py`` rows (SVI, Laplace and speed-and-scale rows), ``run``
   naming the command that produced each (``RUNS`` below);
 * ``coverage.json`` - ``benchmarks/coverage.py`` scenarios;
@@ -90,28 +93,37 @@ def _drop(text: str, drop: set[int]) -> str:
 
 
 def _method_table(methods: list[str]) -> str:
-    """A method page's table: MiniLM n = 200, run v2, without the columns every row shares."""
-    return _drop(_calibration("v2", MINILM, methods), {0, 1, 2, 4, 13})
+    """A method page's table: run v3, both models, without the columns every row shares
+    (n_train, n_test, peak MB)."""
+    return _drop(_calibration_v3(methods), {1, 2, 15})
 
 
-def _calibration(run: str, model: str, methods=None, auroc: bool = True) -> str:
+def _calibration_v3(methods=None) -> str:
+    """Run v3, MiniLM then SmolLM2, in one table."""
+    minilm = _calibration("v3", MINILM, methods).splitlines()
+    smol = _calibration("v3", SMOLLM2, methods).splitlines()
+    return "\n".join(minilm + smol[2:])
+
+
+PAIRED_MC, AUROC = {9, 10}, {11, 12}  # column indices of calibration.markdown's table
+
+
+def _calibration(run: str, model: str, methods=None, drop: set[int] = frozenset()) -> str:
     rows = [r for r in load("calibration") if r["run"] == run and r["model"] == model
             and (methods is None or r["method"] in methods)]
     if methods is not None:  # in the order asked for
         rows.sort(key=lambda r: methods.index(r["method"]))
-    text = calibration.markdown(rows)
-    if auroc:
-        return text
-    return _drop(text, {9, 10})  # the two AUROC columns (the earlier run had no OOD texts)
+    return _drop(calibration.markdown(rows), drop) if drop else calibration.markdown(rows)
 
 
 MINILM, SMOLLM2 = "all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"
-LAPLACE = ["map", "laplace_kfac", "laplace_lowrank_kfac", "laplace_diag", "laplace_llla"]
+LAPLACE = ["map", "laplace_kfac", "laplace_lowrank_kfac", "laplace_diag", "laplace_llla", "answer_laplace",
+           "laplace_kfac_zero"]
 
 
 def calibration_v1() -> str:
-    rows = _calibration("v1_laplace", MINILM, auroc=False).splitlines()
-    smol = _calibration("v1_laplace", SMOLLM2, auroc=False).splitlines()
+    rows = _calibration("v1_laplace", MINILM, drop=PAIRED_MC | AUROC).splitlines()
+    smol = _calibration("v1_laplace", SMOLLM2, drop=PAIRED_MC | AUROC).splitlines()
     return "\n".join(rows + smol[2:])
 
 
@@ -272,8 +284,8 @@ HEADLINE = [("map", "MAP (plain LoRA)", "fit_map", "guide.md"), ("svi", "SVI", "
 
 
 def headline() -> str:
-    """One line per method: its page, its call, accuracy, ECE and NLL (run v2, MiniLM, n = 200)."""
-    agg = calibration.aggregate([r for r in load("calibration") if r["run"] == "v2" and r["model"] == MINILM
+    """One line per method: its page, its call, accuracy, ECE and NLL (run v3, MiniLM, n = 200)."""
+    agg = calibration.aggregate([r for r in load("calibration") if r["run"] == "v3" and r["model"] == MINILM
                                  and r["n_train"] == 200])
     by_method = {k[3]: v for k, v in agg.items()}
     lines = ["| method | call | accuracy | ECE | NLL |", "| --- | --- | ---: | ---: | ---: |"]
@@ -286,8 +298,9 @@ def headline() -> str:
 
 TABLES = {
     "headline": headline,
-    "calibration-minilm": lambda: _calibration("v2", MINILM),
-    "calibration-smollm2": lambda: _calibration("v2", SMOLLM2),
+    "calibration-minilm": lambda: _calibration("v2", MINILM, drop=PAIRED_MC),  # v2 rows had neither
+    "calibration-smollm2": lambda: _calibration("v2", SMOLLM2, drop=PAIRED_MC),
+    "calibration-v3": _calibration_v3,
     "calibration-v1-laplace": calibration_v1,
     "calibration-laplace": lambda: _method_table(LAPLACE),
     "calibration-svi": lambda: _method_table(["map", "svi"]),

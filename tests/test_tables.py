@@ -34,7 +34,7 @@ def test_cost_runs_are_named_and_documented():
     rows = json.loads((tables.RESULTS / "cost.json").read_text())
     assert {r["run"] for r in rows} == set(tables.RUNS)
     calib = json.loads((tables.RESULTS / "calibration.json").read_text())
-    assert {r["run"] for r in calib} == {"v2", "v1_laplace", "v2_superseded"}
+    assert {r["run"] for r in calib} == {"v3", "v2", "v1_laplace", "v2_superseded"}
 
 
 def test_merge_replaces_only_that_run(tmp_path, monkeypatch):

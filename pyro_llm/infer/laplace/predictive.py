@@ -297,7 +297,7 @@ def _diagnose(la, share: float, spread: float) -> None:
             "not by the data. Check the calibration on held-out data; a prior centred where "
             "fine-tuning started (prior_mean='init'), separate precisions (prior_groups='AB'), more "
             "training data or a validation grid (gridsearch_prior_precision) may help.",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=5)  # the caller of la.predict
 
 
 def laplace_predict(la, data, *, pred_type: str = "glm", link: str = "mc", num_samples: int = 100,
