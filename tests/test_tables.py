@@ -72,3 +72,13 @@ def test_readme_methods_table_quotes_the_generated_headline():
     assert len(quoted) >= 7, quoted
     wrong = {k: (v, ece[k]) for k, v in quoted.items() if v != ece[k]}
     assert not wrong, f"README quotes ECE values the results JSON does not give: {wrong}"
+
+
+def test_the_paired_gap_averages_seeds_and_combines_their_standard_errors():
+    import math
+
+    from benchmarks import calibration
+
+    d, se = calibration._paired([0.1, -0.1, 0.3], [0.03, 0.04, 0.12])
+    assert math.isclose(d, 0.1) and math.isclose(se, 0.13 / 3)
+    assert all(math.isnan(x) for x in calibration._paired([0.1, None], [0.03, None]))  # a row without it
