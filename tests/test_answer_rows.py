@@ -143,6 +143,10 @@ def test_bad_inputs_get_clear_errors():
     fn = lambda m, b: (b[0], b[1])  # noqa: E731
     with pytest.raises(ValueError, match="'marglik' or a number"):
         fit_answer_laplace(None, [(phi, offset, y)], fn, labels_fn=lambda b: b[2], prior_precision="evidence")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fit_answer_laplace(None, [(phi * float("nan"), offset, y)], fn, labels_fn=lambda b: b[2])
+    with pytest.raises(ValueError, match="class indices"):
+        fit_answer_laplace(None, [(phi, offset, y - 5)], fn, labels_fn=lambda b: b[2])
     with pytest.raises(ValueError, match="no labels"):
         fit_answer_laplace(None, [(phi, offset, y)], fn, labels_fn=lambda b: None)
     la = fit_answer_laplace(None, [(phi, offset, y)], fn, labels_fn=lambda b: b[2], prior_precision=1.0,

@@ -238,39 +238,46 @@ def fit_answer_laplace(model, data: Iterable, features_fn: Callable, *, labels_f
     >>> probs = la.predict(test_loader)                                                  # doctest: +SKIP
     """
     phi, offset, y = _read(model, data, features_fn, labels_fn or default_labels, progress)
+    if not (torch.isfinite(phi).all() and torch.isfinite(offset).all()):
+        raise ValueError("features_fn returned NaN or infinite features or offsets; check the model")
+    if int(y.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
     C = offset.shape[1] if offset.shape[1] else int(y.max()) + 1
     if offset.shape[1] and int(y.max()) >= C:
         raise ValueError(f"labels go up to {int(y.max())} but the offset has {C} logits")
     offset = _offset(offset, len(phi), C)
     zero = torch.zeros(C, phi.shape[1], dtype=DTYPE)
+    m = float(phi.square().sum(1).mean())
     if isinstance(prior_precision, str):
         if prior_precision != "marglik":
             raise ValueError(f"prior_precision must be 'marglik' or a number, got {prior_precision!r}")
-        fits = {}
+        best = (math.inf,)  # (minus the evidence, delta, W, H, loglik) of the best value evaluated
 
         def neg_evidence(log_delta: float) -> float:
+            nonlocal best
             d = math.exp(log_delta)
             W, H, ll = _newton(phi, offset, y, C, d, zero)
-            fits[log_delta] = (-_evidence(ll, W, H, d), d, W, H, ll)
-            return fits[log_delta][0]
+            value = -_evidence(ll, W, H, d)
+            if value < best[0]:  # keep one (C D)^2 Hessian, not one per evaluation
+                best = (value, d, W, H, ll)
+            return value
 
         # in units of the features' mean squared norm m: the prior sd of a logit is about
         # sqrt(m / delta), from 100 (delta = 1e-4 m) to 1e-3 (delta = 1e6 m)
-        m = float(phi.square().sum(1).mean())
         grid = np.linspace(math.log(1e-4 * m), math.log(1e6 * m), 21)
         i = int(np.argmin([neg_evidence(float(g)) for g in grid]))
         lo, hi = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, len(grid) - 1)])
         from scipy.optimize import minimize_scalar
 
         minimize_scalar(neg_evidence, bounds=(lo, hi), method="bounded", options={"xatol": 1e-3})
-        _, delta, W, H, ll = min(fits.values(), key=lambda v: v[0])  # the best value evaluated
+        _, delta, W, H, ll = best
         edge = "lower" if i == 0 else "upper" if i == len(grid) - 1 else None
     else:
         delta, edge = float(prior_precision), None
         W, H, ll = _newton(phi, offset, y, C, delta, zero)
     # the evidence at the upper edge: the data ask for no correction (the model's own answer)
     meta = dict(features=phi.shape[1], classes=C, offset=bool(offset.abs().sum() > 0), evidence_at_edge=edge,
-                logit_prior_sd=math.sqrt(float(phi.square().sum(1).mean()) / delta),
+                logit_prior_sd=math.sqrt(m / delta),
                 train_accuracy=float(((offset + phi @ W.T).argmax(-1) == y).double().mean()),
                 lm_train_accuracy=float((offset.argmax(-1) == y).double().mean()))
     return AnswerRowsLaplace(W, H, delta, ll, len(phi), meta, model=model, features_fn=features_fn)
