@@ -15,7 +15,8 @@ One JSON per benchmark in ``benchmarks/results/`` (figures in ``results/figures/
 * ``cost.json`` - ``benchmarks/cost.py`` rows (SVI, Laplace and speed-and-scale rows), ``run``
   naming the command that produced each (``RUNS`` below);
 * ``coverage.json`` - ``benchmarks/coverage.py`` scenarios;
-* ``one_call.json`` - ``benchmarks/one_call.py``.
+* ``one_call.json`` - ``benchmarks/one_call.py``;
+* ``growth.json`` - ``benchmarks/growth.py`` (one entry per part; figures ``growth_<part>.png``).
 
 A table sits in a page between ``<!-- table: NAME -->`` and ``<!-- /table -->``; NAME is a key of
 ``TABLES``. ``tests/test_tables.py`` fails when a page's table is not what this script makes of the
@@ -37,7 +38,7 @@ RESULTS = HERE / "results"
 DOCS = ROOT / "docs"
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import calibration, coverage  # noqa: E402
+from benchmarks import calibration, coverage, growth_plots  # noqa: E402
 
 # The commands behind each run of cost.json (the docs quote them).
 RUNS = {
@@ -316,6 +317,7 @@ TABLES = {
     "coverage-default": coverage_default,
     "coverage-all": coverage_all,
     "one-call": one_call,
+    "growth": growth_plots.table,
 }
 
 MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)

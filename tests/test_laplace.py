@@ -337,3 +337,26 @@ def test_full_block_eigen_and_cholesky_paths_are_the_dense_formulas(deltas):
     cov = torch.linalg.inv(P)
     se = ((torch.diag(cov)[:, None] * torch.diag(cov)[None, :] + cov.square()) / 40000).sqrt()
     assert ((flat.T @ flat / 40000 - cov).abs() <= 5 * se).all()
+
+
+def test_adapters_reading_one_input_share_its_factor_exactly():
+    """The q and v adapters of a block read the same hidden states: one product serves both
+    A-input factors (computed once per batch), and each still equals that input's Gram matrix."""
+    pm, batch = _bert()
+    assert {"query", "value"} <= set(pm.peft_config["default"].target_modules)
+    la = _fit(pm, _split(batch, 4), structure="kfac", curvature="empirical")
+    names = la.lora.random_names
+    A = {n: b.QA @ torch.diag(b.lA) @ b.QA.T for n, b in zip(names, la.blocks, strict=True)}
+    pairs = [(n, n.replace(".query.", ".value.")) for n in names if ".query.lora_A." in n]
+    assert pairs
+    for q, v in pairs:
+        assert _max_rel(A[q], A[v]) < 1e-12
+    inputs = {}
+    layer = pm.base_model.model.bert.encoder.layer[0].attention.self.query
+    hook = layer.register_forward_hook(lambda m, args, out: inputs.setdefault("x", args[0].detach()))
+    with torch.no_grad():
+        pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hook.remove()
+    x = inputs["x"].double()
+    gram = torch.einsum("btd,bte->de", x, x) / x.shape[1] / x.shape[0]  # "expand": mean over examples
+    assert _max_rel(A[pairs[0][0]], gram) < 1e-6  # the float32 model's rows, scaled in float32

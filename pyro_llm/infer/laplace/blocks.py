@@ -29,6 +29,15 @@ __all__ = ["Factor", "KronBlock", "DiagBlock", "FullBlock", "BLOCKS"]
 DTYPE = torch.float64
 
 
+def gram(rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """``R^T R`` of one batch's rows ``R`` (``(..., dim)``). On the CPU in float64, like the
+    running sum; on an accelerator in float32 where the rows live (half precision upcast), so
+    that only the ``dim x dim`` result crosses to the CPU, not the rows in float64."""
+    rows = rows.detach().reshape(-1, dim)
+    rows = rows.to(DTYPE) if rows.device.type == "cpu" else rows.float()
+    return rows.T @ rows
+
+
 class Factor:
     """Running ``sum_rows r r^T`` of ``(m, dim)`` rows: exact, or a rank-``rank`` square root.
 
@@ -53,10 +62,10 @@ class Factor:
             self._gen = torch.Generator().manual_seed(seed)
 
     def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().reshape(-1, self.dim).to(DTYPE).cpu()
         if self.rank is None:
-            self.S.addmm_(rows.T, rows)
+            self.add_gram(gram(rows, self.dim))
             return
+        rows = rows.detach().reshape(-1, self.dim).to(DTYPE).cpu()
         U = self.U
         if U.shape[1] + rows.shape[0] <= self.rank:  # still exact: keep the rows themselves
             self.U = torch.cat([U, rows.T], 1)
@@ -74,6 +83,12 @@ class Factor:
         lam, V = torch.linalg.eigh(Q.T @ apply(Q))
         top = lam.flip(0)[: self.rank].clamp_min(0.0)
         self.U = (Q @ V.flip(1)[:, : self.rank]) * top.sqrt()
+
+    def add_gram(self, g: torch.Tensor) -> None:
+        """Add a batch's ``R^T R`` (from :func:`gram`) to an exact factor."""
+        if self.rank is not None:
+            raise ValueError("add_gram() is for exact factors; a low-rank factor needs the rows (add)")
+        self.S += g.to(DTYPE).cpu()
 
     def combine(self, roots: list[torch.Tensor]) -> None:
         """Replace a low-rank factor by the best rank-``k`` part of ``sum_i R_i R_i^T``.

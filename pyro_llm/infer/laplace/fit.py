@@ -33,7 +33,7 @@ from ...lora import BayesianLoRA, find_lora_parameters
 from ...readout import default_labels, default_logits
 from .. import distributed as _dist
 from ..config import takes_config
-from .blocks import DiagBlock, Factor, FullBlock, KronBlock
+from .blocks import DiagBlock, Factor, FullBlock, KronBlock, gram
 from .capture import CURVATURES, check_logits, curvature_vectors, tapped
 from .posterior import LaplacePosterior
 
@@ -172,11 +172,18 @@ class _Accumulator:
     def add_inputs(self, tap) -> None:
         if not hasattr(self, "A"):
             return
+        grams = {}  # one product per distinct input: the q and v adapters of a block read the same one
         for i, n in enumerate(self.names):
             a = tap.inputs[tap.owner[n][0]]
+            key = id(a)
             a = a.reshape(a.shape[0], -1, a.shape[-1])
             rows = a / a.shape[1] ** 0.5 if self.approx == "expand" else a.mean(1)
-            self.A[i].add(rows)
+            if self.A[i].rank is not None:
+                self.A[i].add(rows)
+                continue
+            if key not in grams:
+                grams[key] = gram(rows, self.A[i].dim)
+            self.A[i].add_gram(grams[key])
 
     def add_grads(self, tap, g) -> None:
         for i, n in enumerate(self.names):
