@@ -7,7 +7,7 @@
 One JSON per benchmark in ``benchmarks/results/`` (figures in ``results/figures/``):
 
 * ``calibration.json`` - ``benchmarks/calibration.py`` rows; ``run`` is ``"v3"`` (the current
-  table: seed 0 on both models after the Laplace prior, BLoB, SVI and causal-LM PoLAR-VBLL
+  table: 3 seeds on both models after the Laplace prior, BLoB, SVI and causal-LM PoLAR-VBLL
   changes; a row with ``carried_from`` is an unchanged method's row of that earlier run),
   ``"v2"`` (every method, OOD, 3 seeds on MiniLM, before those changes), ``"v1_laplace"`` (the
   earlier Laplace-only run, n = 1,000 and SmolLM2 included) or ``"v2_superseded"`` (PoLAR-VBLL
