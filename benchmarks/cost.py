@@ -466,7 +466,7 @@ def _map_step(batches: list[dict], dropout: bool = True) -> Callable:
                        **_defaults(pyro_llm.fit_map))
 
 
-def _svi_step(batches: list[dict], lora=None) -> Callable:
+def _svi_step(batches: list[dict], lora=None, guide: str = "normal") -> Callable:
     """Bayesian LoRA: Trace_ELBO loss of model/AutoNormal guide, AdamW over the param store.
     ``lora`` defaults to ``BayesianLoRA`` of a fresh peft MiniLM (backbone in eval mode)."""
     import pyro
@@ -483,7 +483,7 @@ def _svi_step(batches: list[dict], lora=None) -> Callable:
         logits = lora(input_ids=input_ids, attention_mask=attention_mask).logits
         pyro_llm.likelihoods.categorical("y", logits, labels, size, index)
 
-    guide = pyro_llm.make_guide(model, "normal", init_values=lora)
+    guide = pyro_llm.make_guide(model, guide, init_values=lora)
     elbo = Trace_ELBO()
     params = list(param_store_tensors(model, guide, batches[0], elbo).values())
     return _train_step(params, lambda b: elbo.differentiable_loss(model, guide, **b), batches,
@@ -569,6 +569,26 @@ def svi_step_over_map_step_no_dropout(sides: Iterable[str]) -> Pair:
     num = _svi_step(batches) if "numerator" in sides else None
     settings = dict(_svi_settings(), map="peft model in eval mode (no dropout anywhere); loss = "
                     "model(**batch, labels=...).loss; AdamW over the trainable peft tensors")
+    return Pair(num, den, settings)
+
+
+@register("svi_step_diagonal_over_map_step_no_dropout", goal=1.15,
+          numerator="one SVI step of Bayesian LoRA with the 'diagonal' guide (one flat site)",
+          denominator="one peft LoRA MAP training step with dropout off (eval mode)",
+          **STEP_SIZES)
+def svi_step_diagonal_over_map_step_no_dropout(sides: Iterable[str]) -> Pair:
+    """As ``svi_step_over_map_step_no_dropout`` with ``make_guide(model, "diagonal")``
+    (``AutoDiagonalNormal``): the same mean-field family as the default ``"normal"``, its 24 sites
+    as one flat latent, so the guide's per-site work (and the optimiser's 48 tensors) become one."""
+    sides = set(sides)
+    _seed_all()
+    batches = _minilm_batches()
+    den = _map_step(batches, dropout=False) if "denominator" in sides else None
+    num = _svi_step(batches, guide="diagonal") if "numerator" in sides else None
+    settings = dict(_svi_settings(), map="peft model in eval mode (no dropout anywhere); loss = "
+                    "model(**batch, labels=...).loss; AdamW over the trainable peft tensors",
+                    svi="as svi_step_over_map_step_no_dropout, but make_guide(model, 'diagonal', "
+                        "init_values=lora): AutoDiagonalNormal")
     return Pair(num, den, settings)
 
 

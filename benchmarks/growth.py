@@ -2,7 +2,7 @@
 
 Run from the repository root (one heavy job at a time; a quiet machine for the timed parts)::
 
-    .venv/bin/python benchmarks/growth.py                      # every part, ~20 min on 2 cores
+    .venv/bin/python benchmarks/growth.py                      # every part, ~25 min on 2 cores
     .venv/bin/python benchmarks/growth.py --parts memory predictive --quick
 
 Parts (all on all-MiniLM-L6-v2 with LoRA r = 8 on query/value and real Rotten Tomatoes reviews,
@@ -10,8 +10,9 @@ batches of 8 x 64 tokens, as ``benchmarks/cost.py``):
 
 * ``predictive`` - seconds of an S-draw posterior predictive of one batch (one sample-batched
   forward, frozen prefix shared) against S, for the adapter on the top 1, top 2 or all 6 blocks;
-  slope in MAP forwards per extra draw. Floor: one backbone pass, plus per draw the random
-  blocks' share of a forward (k / 6).
+  slope in MAP forwards per extra draw. Floor: one backbone pass; drawn against it, the cost of
+  the random blocks at every position, k / 6 of a forward per draw (the top block of a BERT
+  classifier runs at the position its head reads, so it can come in under that line).
 * ``memory`` - bytes of each Laplace structure's curvature (``la.memory_bytes``) against the
   number of adapted blocks and the LoRA rank; slope as an exponent (log-log). Floor: the
   adapter's own float32 parameters; a dense (full) curvature's P^2 float64 bytes are drawn,

@@ -52,6 +52,13 @@ RUNS = {
     "laplace_torch_c1_2threads": "benchmarks/cost.py --rows laplace_fit_ours_over_laplace_torch",
     "laplace_torch_c1_1thread": "benchmarks/cost.py --threads 1 --rows laplace_fit_ours_over_laplace_torch",
     "glm_c1": "benchmarks/cost.py --threads 2 --rows laplace_glm_predict_over_map_forward",
+    "read_positions": "benchmarks/cost.py --threads 2 --rows predict_s16_top1_over_map_forward",
+    "svi_diagonal": "benchmarks/cost.py --threads 2 --rows svi_step_over_map_step_no_dropout "
+                    "svi_step_diagonal_over_map_step_no_dropout",
+    "laplace_torch_gram_1thread": "benchmarks/cost.py --threads 1 "
+                                  "--rows laplace_fit_ours_over_laplace_torch",
+    "laplace_torch_gram_2threads": "benchmarks/cost.py --threads 2 "
+                                   "--rows laplace_fit_ours_over_laplace_torch",
     "scale": "benchmarks/cost.py --threads 2 --rows predict_s16_top1_over_map_forward "
              "predict_s16_loop_top1_over_map_forward predict_s16_all_over_map_forward "
              "svi_step_top1_cached_over_map_step coding_bayes_s16_over_map "
@@ -145,17 +152,24 @@ def laplace_agreement() -> str:
 
 
 # ---------------------------------------------------------------------------- cost
-SVI_LABELS = {
-    "svi_step_over_map_step": "SVI step / peft MAP training step (train mode, as users train)",
-    "svi_step_over_map_step_no_dropout": "SVI step / MAP step with dropout off (like for like)",
+SVI_LABELS = {  # (run, row): label
+    ("svi", "svi_step_over_map_step"): "SVI step / peft MAP training step (train mode, as users train)",
+    ("svi", "svi_step_over_map_step_no_dropout"): "SVI step / MAP step with dropout off (like for like)",
+    ("svi_diagonal", "svi_step_over_map_step_no_dropout"):
+        "the same, rerun beside the next row (run `svi_diagonal`)",
+    ("svi_diagonal", "svi_step_diagonal_over_map_step_no_dropout"):
+        "SVI step with `guide=\"diagonal\"` (one flat site) / MAP step with dropout off",
 }
 
 
 def cost_svi() -> str:
     lines = ["| row | SVI step | MAP step | ratio | goal | peak MB (SVI / MAP) |",
              "| --- | ---: | ---: | ---: | --- | ---: |"]
-    for name, label in SVI_LABELS.items():
-        r = _cost("svi", name)
+    runs = {r.get("run") for r in load("cost")}
+    for (run, name), label in SVI_LABELS.items():
+        if run not in runs:
+            continue
+        r = _cost(run, name)
         lines.append(f"| {label} | {r['numerator_s']:.4f} s | {r['denominator_s']:.4f} s | "
                      f"**{r['ratio']:.3f}** | ≤ {r['goal']}: {_verdict(r['ratio'], r['goal'])} | {_mb(r)} |")
     return "\n".join(lines)
@@ -180,24 +194,37 @@ def cost_laplace() -> str:
     return "\n".join(lines)
 
 
+AFTER = (("laplace_torch_c1_1thread", "laplace_fit_ours_over_laplace_torch", 1, "C − 1"),
+         ("laplace_torch_c1_2threads", "laplace_fit_ours_over_laplace_torch", 2, "C − 1"),
+         ("glm_c1", "laplace_glm_predict_over_map_forward", 2, "C − 1"),
+         ("laplace_torch_gram_1thread", "laplace_fit_ours_over_laplace_torch", 1, "+ shared Gram"),
+         ("laplace_torch_gram_2threads", "laplace_fit_ours_over_laplace_torch", 2, "+ shared Gram"))
+
+
 def cost_laplace_after() -> str:
-    """The two Laplace rows rerun after the GGN / GLM predictive backpropagated C - 1 vectors."""
-    lines = ["| row, after the C − 1 change | threads | ours | reference | ratio | goal |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
-    for run, name, threads in (("laplace_torch_c1_1thread", "laplace_fit_ours_over_laplace_torch", 1),
-                               ("laplace_torch_c1_2threads", "laplace_fit_ours_over_laplace_torch", 2),
-                               ("glm_c1", "laplace_glm_predict_over_map_forward", 2)):
+    """The Laplace rows rerun after the GGN / GLM predictive backpropagated C - 1 vectors, and the
+    KFAC fit again after adapters reading one input shared its Gram matrix."""
+    lines = ["| row | change | threads | ours | reference | ratio | goal |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    runs = {r.get("run") for r in load("cost")}
+    for run, name, threads, change in AFTER:
+        if run not in runs:
+            continue
         r = _cost(run, name)
         label, goal = LAPLACE_LABELS[name]
-        lines.append(f"| {label} | {threads} | {_s(r['numerator_s'])} | {_s(r['denominator_s'])} | "
-                     f"**{_r(r['ratio'])}** | {goal}: {_verdict(r['ratio'], r['goal'])} |")
+        lines.append(f"| {label} | {change} | {threads} | {_s(r['numerator_s'])} | "
+                     f"{_s(r['denominator_s'])} | **{_r(r['ratio'])}** | {goal}: "
+                     f"{_verdict(r['ratio'], r['goal'])} |")
     return "\n".join(lines)
 
 
 # (run, row, label, goal text or None for the computed verdict, bold ratio)
 SCALE = [
+    ("read_positions", "predict_s16_top1_over_map_forward",
+     "predictive S = 16, top block random, one sample-batched forward, that block at the position "
+     "the head reads / one MAP forward", None, True),
     ("scale", "predict_s16_top1_over_map_forward",
-     "predictive S = 16, top block random, one sample-batched forward / one MAP forward", None, True),
+     "the same before the read-position path (every position of the top block)", "(run `scale`)", False),
     ("scale", "predict_s16_loop_top1_over_map_forward",
      "the same the naive way, 16 forwards / one MAP forward", "(16: the naive cost)", False),
     ("scale", "predict_s16_top1_smollm2_over_map_forward",

@@ -69,7 +69,7 @@ class GaussianPosterior(Posterior):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_guide(cls, guide, *, lora=None, fixed=None, readout=None) -> GaussianPosterior:
-        """The Gaussian of a fitted autoguide (``AutoNormal``, ``AutoDelta``,
+        """The Gaussian of a fitted autoguide (``AutoNormal``, ``AutoDiagonalNormal``, ``AutoDelta``,
         ``AutoLowRankMultivariateNormal``, ``AutoMultivariateNormal``) or a BLoB guide."""
         median = {k: v.detach() for k, v in guide.median().items()}
         names = list(median)
@@ -88,6 +88,8 @@ class GaussianPosterior(Posterior):
             scale = torch.cat([(q[n].detach().reshape(-1) - median[n].reshape(-1)) for n in names])
             return cls(names, shapes, loc, "diag", scale=scale.clamp_min(0), **kw)
         post = guide.get_posterior() if hasattr(guide, "get_posterior") else None
+        if isinstance(post, dist.Independent) and isinstance(post.base_dist, dist.Normal):  # AutoDiagonal
+            return cls(names, shapes, post.base_dist.loc, "diag", scale=post.base_dist.scale, **kw)
         if isinstance(post, dist.LowRankMultivariateNormal):
             return cls(names, shapes, post.loc, "lowrank", cov_factor=post.cov_factor,
                        cov_diag=post.cov_diag, **kw)

@@ -76,7 +76,7 @@ def test_figures_and_table(tmp_path):
     table = growth_plots.table(path).splitlines()
     assert table[0].startswith("| what grows |")
     assert len(table) == 2 + 1 + 4 + 3 + 2  # header; predictive; memory 2 x 2; corpus 3; regress 2
-    assert "| 2.000 MAP forwards / draw | 0.167 / draw |" in table[2]
+    assert "| 2.000 MAP forwards / draw | 1 pass + 0.167 / draw (the blocks at every position) |" in table[2]
     assert any("| 10.0 s / 1k (MAP forwards) |" in row for row in table)  # 0.08 s per batch of 8
 
 
