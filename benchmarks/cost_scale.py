@@ -79,7 +79,8 @@ def _peft(cost, top: bool):
     return cost._seed_lora_b(cost._peft_minilm(**({"layers_to_transform": [TOP]} if top else {})))
 
 
-def _draws(lora, s: int = S, scale: float = 0.05):
+def perturbed_draws(lora, s: int = S, scale: float = 0.05):
+    """``s`` seeded N(MAP, scale^2) draws of every random matrix (the cost rows' stand-in posterior)."""
     import torch
 
     g = torch.Generator().manual_seed(7)
@@ -127,7 +128,7 @@ def predict_over_map(cost, sides: Iterable[str], *, top: bool, vectorize: bool):
     if "numerator" in sides:
         net = _peft(cost, top)
         lora = pyro_llm.BayesianLoRA(net, prior=1.0, share_prefix=vectorize)
-        draws = _draws(lora)
+        draws = perturbed_draws(lora)
         it = itertools.cycle(batches)
 
         def fn(input_ids, attention_mask):
@@ -210,7 +211,7 @@ def coding_over_map(cost, sides: Iterable[str], docs: int | None = None):
         den = coder(stream.map_predictor(_peft(cost, True), tok, max_length=cost.SEQ_LEN), "mean")
     if "numerator" in sides:
         lora = pyro_llm.BayesianLoRA(_peft(cost, True), prior=1.0)
-        predict = stream.posterior_predictor(lora, _draws(lora), tok, max_length=cost.SEQ_LEN,
+        predict = stream.posterior_predictor(lora, perturbed_draws(lora), tok, max_length=cost.SEQ_LEN,
                                              vectorize=True)
         num = coder(predict, "uncertainty")
     return cost.Pair(num, den, _settings(
@@ -259,7 +260,7 @@ def predict_smollm2_over_map(cost, sides: Iterable[str]):
 
     if "numerator" in sides:
         lora = pyro_llm.BayesianLoRA(load()[0] if "denominator" in sides else net, prior=1.0)
-        draws = _draws(lora)
+        draws = perturbed_draws(lora)
         it2 = itertools.cycle(batches)
 
         def fn(input_ids, attention_mask):

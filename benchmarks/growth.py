@@ -49,6 +49,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)  # benchmarks/coverage.py must not shadow the coverage package
+
+from benchmarks.cost_scale import perturbed_draws  # noqa: E402
+
 RESULTS = HERE / "results"
 OUT = RESULTS / "growth.json"
 BLOCKS = 6  # MiniLM's transformer blocks
@@ -110,14 +113,6 @@ def _net(top: int | None = None, r: int | None = None):
     return cost._seed_lora_b(cost._peft_minilm(**lora))
 
 
-def _draws(lora, s: int):
-    import torch
-
-    g = torch.Generator().manual_seed(7)
-    return [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in lora.init_values().items()}
-            for _ in range(s)]
-
-
 def _texts(n: int):
     """``n`` reviews as a stream (a generator), cycling the corpus when ``n`` exceeds it."""
     import pyro_llm
@@ -155,7 +150,7 @@ def part_predictive(cfg: dict) -> dict:
         lora = pyro_llm.BayesianLoRA(_net(top), prior=1.0, share_prefix=True)
         secs = []
         for s in cfg["draws"]:
-            secs.append(median_seconds(_predictor(lora, inputs, _draws(lora, s)), cfg["repeats"]))
+            secs.append(median_seconds(_predictor(lora, inputs, perturbed_draws(lora, s)), cfg["repeats"]))
             print(f"  predictive top {top}, S = {s}: {secs[-1]:.3f} s", flush=True)
         forwards = [t / out["map_forward_s"] for t in secs]
         out["series"][f"top{top}"] = {
@@ -223,8 +218,9 @@ def part_corpus(cfg: dict) -> dict:
                                                attention_mask=batch["attention_mask"]).logits, 10, 2)
     lora = pyro_llm.BayesianLoRA(_net(1), prior=1.0)
     predictors = {"map": (stream.map_predictor(top_net, tok, max_length=cost.SEQ_LEN), "mean"),
-                  "s16": (stream.posterior_predictor(lora, _draws(lora, 16), tok, max_length=cost.SEQ_LEN,
-                                                     vectorize=True), "uncertainty")}
+                  "s16": (stream.posterior_predictor(lora, perturbed_draws(lora, 16), tok,
+                                                     max_length=cost.SEQ_LEN, vectorize=True),
+                          "uncertainty")}
     for name, (predict, keep) in predictors.items():
         secs = []
         for n in cfg["code_docs"][name]:

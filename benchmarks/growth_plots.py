@@ -115,10 +115,10 @@ def _rows(name: str, res: dict) -> list[str]:
         return out
     if name == "corpus":
         f = res["fit"]
-        floor = res["fit"]["map_step_s"] * 1000 / 8
+        floor = 1000 * f["floor_seconds"][-1] / f["docs"][-1]
         out = [f"| KFAC fit vs training reviews | {f['docs'][0]}–{f['docs'][-1]} "
                f"| {f['fit']['slope']:.1f} s / 1k | {floor:.1f} s / 1k (MAP steps) |"]
-        code_floor = res["map_forward_s"] * 1000 / 8
+        code_floor = 1000 * res["code_floor_seconds"][-1] / res["code_map"]["docs"][-1]
         for key, label in (("code_map", "MAP"), ("code_s16", "S = 16, top block")):
             c = res[key]
             out.append(f"| coding a corpus ({label}) | {c['docs'][0]}–{c['docs'][-1]} "

@@ -55,10 +55,10 @@ def _fake(parts):
                           "full_float64_bytes": [8, 32], "fit": {"kfac": logfit, "diag": logfit}}
                    for axis in ("blocks", "rank")},
         "corpus": {"fit": {"docs": [250, 500], "seconds": [5, 10], "map_step_s": 0.1,
-                           "floor_seconds": [3, 6], "fit": fit},
+                           "floor_seconds": [3.125, 6.25], "fit": fit},
                    "code_map": {"docs": [1000, 2000], "seconds": [8, 16], "fit": fit},
                    "code_s16": {"docs": [1000, 2000], "seconds": [20, 40], "fit": fit},
-                   "map_forward_s": 0.08, "code_floor_seconds": [6, 12]},
+                   "map_forward_s": 0.08, "code_floor_seconds": [10, 20]},
         "regress": {"labelled": 200,
                     "docs": {"values": [1000, 2000], "folds": 5, "seconds": [60, 80], "fit": fit},
                     "folds": {"values": [2, 5], "docs": 2000, "seconds": [40, 80], "fit": fit}},
